@@ -1,0 +1,279 @@
+"""The ``qednbd`` command: qemu-img's syntax and output shapes for QED images.
+
+This is the only module that reads ``sys.argv``, configures logging and exits. Every
+failure becomes one line on stderr (``qednbd: FILE: reason``) and exit status 1; a bug
+shows its traceback only with ``QEDNBD_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from qednbd import __version__
+from qednbd.convert import ConvertOptions, convert, detect_format, remove_partial
+from qednbd.errors import ConfigError, QednbdError
+from qednbd.qed import format as fmt
+from qednbd.qed.backing import resolve_backing_path
+from qednbd.qed.image import QedImage, create_image, open_layer
+from qednbd.qed.info import human_info, image_info
+from qednbd.qed.mapping import map_image
+from qednbd.qed.storage import FileStorage
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or a number with a K/M/G/T/P/E suffix (powers of 1024), as qemu-img takes them."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"Invalid image size specified: '{text}'")
+    number, unit = match.groups()
+    value = float(number) * (1 << _UNITS[unit.lower()])
+    if value != int(value) or value >= 1 << 63:
+        raise ConfigError(f"Invalid image size specified: '{text}'")
+    return int(value)
+
+
+def parse_create_options(text: str | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key == "cluster_size":
+            out[key] = parse_size(value)
+        elif key == "table_size":
+            if not value.isdigit():
+                raise ConfigError(f"Parameter 'table_size' expects a number, got '{value}'")
+            out[key] = int(value)
+        else:
+            raise ConfigError(f"Invalid parameter '{key}'")
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"qednbd: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qednbd", description="QED images: create, inspect, convert (and serve).")
+    parser.add_argument("--version", action="version", version=f"qednbd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("create", help="create a new QED image")
+    p.add_argument("-f", dest="format", default="qed", choices=["qed"], help="image format (qed)")
+    p.add_argument("-o", dest="options", help="cluster_size=SIZE,table_size=N")
+    p.add_argument("-b", dest="backing", help="backing file (relative to the image's directory)")
+    p.add_argument("-F", dest="backing_format", choices=["raw", "qed"], help="backing file format")
+    p.add_argument("filename")
+    p.add_argument("size", nargs="?", help="bytes or K/M/G/T suffix; defaults to the backing file's")
+
+    p = sub.add_parser("info", help="show an image's header information")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
+    p.add_argument("filename")
+
+    p = sub.add_parser("map", help="show allocation through the backing chain")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
+    p.add_argument("filename")
+
+    p = sub.add_parser("convert", help="copy an image to raw or QED, sparse")
+    p.add_argument("-f", dest="src_format", choices=["raw", "qed"])
+    p.add_argument("-O", dest="dst_format", choices=["raw", "qed"], default="raw")
+    p.add_argument("-o", dest="options", help="cluster_size=SIZE,table_size=N (QED output)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("source")
+    p.add_argument("destination")
+
+    p = sub.add_parser("resize", help="grow an image (header only)")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
+    p.add_argument("filename")
+    p.add_argument("size", help="new size, or +SIZE to grow by SIZE")
+
+    p = sub.add_parser("rebase", help="change the backing file name (unsafe: data is not copied)")
+    p.add_argument("-u", dest="unsafe", action="store_true", required=True, help="unsafe (header-only)")
+    p.add_argument("-b", dest="backing", required=True, help="new backing file, '' for none")
+    p.add_argument("-F", dest="backing_format", choices=["raw", "qed"])
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
+    p.add_argument("filename")
+    return parser
+
+
+def _warn(message: str) -> None:
+    print(f"qednbd: warning: {message}", file=sys.stderr)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    opts = parse_create_options(args.options)
+    cluster_size = opts.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE)
+    table_size = opts.get("table_size", fmt.DEFAULT_TABLE_SIZE)
+    if args.backing and not args.backing_format:
+        raise ConfigError("Backing file specified without backing format (use -F raw or -F qed)")
+    size: int | None = parse_size(args.size) if args.size is not None else None
+    if args.backing:
+        backing = _open_backing_for_create(args.filename, args.backing, args.backing_format)
+        if size is None:
+            size = backing
+    if size is None:
+        raise ConfigError("Image creation needs a size parameter")
+    shown = [f"fmt=qed size={size}"]
+    if args.backing:
+        shown.append(f"backing_file={args.backing} backing_fmt={args.backing_format}")
+    shown.append(f"cluster_size={cluster_size}")
+    if "table_size" in opts:
+        shown.append(f"table_size={table_size}")
+    print(f"Formatting '{args.filename}', " + " ".join(shown))
+    create_image(
+        args.filename,
+        size,
+        cluster_size=cluster_size,
+        table_size=table_size,
+        backing_file=args.backing or "",
+        backing_format=args.backing_format,
+    )
+    rounded = -(-size // fmt.SECTOR_SIZE) * fmt.SECTOR_SIZE
+    if not fmt.qemu_can_open(cluster_size, table_size, rounded):
+        why = "table_size=1" if table_size == 1 else f"cluster_size={cluster_size} with table_size={table_size}"
+        _warn(f"QEMU cannot open this image ({why}); qednbd can")
+    return 0
+
+
+def _open_backing_for_create(image_path: str, name: str, backing_format: str) -> int:
+    """Open the backing file as qemu-img create does; return its size."""
+    layer = open_layer(resolve_backing_path(image_path, name), backing_format, ())
+    try:
+        return layer.size
+    finally:
+        layer.close()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
+        storage = image.storage
+        actual = storage.allocated_bytes() if isinstance(storage, FileStorage) else 0
+        info = image_info(image, actual)
+    if args.output == "json":
+        print(json.dumps(info, indent=4))
+    else:
+        print(human_info(info))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    with QedImage.open(args.filename, read_only=True) as image:
+        extents = map_image(image)
+    if args.output == "json":
+        print("[" + ",\n".join(json.dumps(e.as_json()).replace("{", "{ ", 1) for e in extents) + "]")
+        return 0
+    print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+    for e in extents:
+        if e.data and e.offset is not None:
+            print(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset):<16}{e.filename}")
+    return 0
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}" if value else "0"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    opts = parse_create_options(args.options)
+    if opts and args.dst_format != "qed":
+        raise ConfigError("-o cluster_size/table_size apply to QED output only")
+    options = ConvertOptions(
+        src_format=args.src_format,
+        dst_format=args.dst_format,
+        cluster_size=opts.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE),
+        table_size=opts.get("table_size", fmt.DEFAULT_TABLE_SIZE),
+    )
+    if os.path.exists(args.destination) and os.path.samefile(args.source, args.destination):
+        raise ConfigError("source and destination are the same file")
+    show: Callable[[float], None] | None = None
+    if args.progress:
+
+        def show(percent: float) -> None:
+            sys.stdout.write(f"    ({percent:3.2f}/100%)\r")
+            sys.stdout.flush()
+
+    try:
+        convert(args.source, args.destination, options, show)
+    except BaseException:
+        remove_partial(args.destination)
+        raise
+    if args.progress:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    text: str = args.size
+    with QedImage.open(args.filename) as image:
+        if text.startswith("+"):
+            new_size = image.size + parse_size(text[1:])
+        elif text.startswith("-"):
+            raise ConfigError("Shrinking images is currently not supported")
+        else:
+            new_size = parse_size(text)
+        image.resize(new_size)
+    print("Image resized.")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    backing_format = args.backing_format
+    with QedImage.open(args.filename, open_backing=False) as image:
+        if args.backing and backing_format is None:
+            path = resolve_backing_path(args.filename, args.backing)
+            if os.path.exists(path):
+                backing_format = detect_format(path)
+        image.change_backing_file(args.backing, backing_format)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "create": cmd_create,
+    "info": cmd_info,
+    "map": cmd_map,
+    "convert": cmd_convert,
+    "resize": cmd_resize,
+    "rebase": cmd_rebase,
+}
+
+
+def _subject(args: argparse.Namespace) -> str:
+    for attr in ("filename", "source"):
+        value = getattr(args, attr, None)
+        if value:
+            return f"{value}: "
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = _build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        code = COMMANDS[args.command](args)
+    except (QednbdError, OSError) as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"qednbd: {_subject(args)}{message}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # a bug: one line unless asked for the traceback
+        if os.environ.get("QEDNBD_DEBUG"):
+            traceback.print_exc()
+        print(f"qednbd: {_subject(args)}internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+

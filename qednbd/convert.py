@@ -1,0 +1,149 @@
+"""``qednbd convert``: copy a raw or QED image (flattening its backing chain) to raw or QED.
+
+The output is sparse: ranges the source reports as zero or unallocated are skipped
+without reading, and data is scanned in blocks of :data:`ZERO_SCAN_BYTES` (or the
+output's cluster size, if larger) so all-zero blocks are not written either — they stay
+unallocated in a QED output and holes in a raw one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from qednbd.errors import ImageError
+from qednbd.qed import format as fmt
+from qednbd.qed.backing import RawLayer, probe_format
+from qednbd.qed.image import QedImage, create_image
+from qednbd.qed.mapping import map_image
+from qednbd.qed.storage import FileStorage
+
+ZERO_SCAN_BYTES = 4096  # qemu-img convert's default -S: smallest run of zeros kept sparse
+COPY_CHUNK_BYTES = 4 * 1024 * 1024  # bytes read from the source at a time
+
+
+class Source(Protocol):
+    size: int
+
+    def read(self, pos: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertOptions:
+    src_format: str | None = None  # None: probe
+    dst_format: str = "raw"
+    cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE
+    table_size: int = fmt.DEFAULT_TABLE_SIZE
+
+
+def detect_format(path: str) -> str:
+    storage = FileStorage(path, read_only=True)
+    try:
+        return probe_format(storage)
+    finally:
+        storage.close()
+
+
+def _data_ranges(src: QedImage | RawLayer, size: int) -> Iterator[tuple[int, int]]:
+    """Ranges that may hold non-zero bytes."""
+    if isinstance(src, QedImage):
+        for ext in map_image(src):
+            if ext.data:
+                yield ext.start, ext.length
+        return
+    for off, n, is_data in src.storage.data_runs(0, size):
+        if is_data:
+            yield off, n
+
+
+def _nonzero_blocks(data: bytes, pos: int, block: int) -> Iterator[tuple[int, bytes]]:
+    """Maximal runs of ``block``-aligned blocks that are not all zero, as (pos, bytes)."""
+    zero = bytes(block)
+    start: int | None = None
+    lo = 0
+    while lo < len(data):
+        hi = min(len(data), lo + block - (pos + lo) % block)
+        if data[lo:hi] != zero[: hi - lo]:
+            if start is None:
+                start = lo
+        elif start is not None:
+            yield pos + start, data[start:lo]
+            start = None
+        lo = hi
+    if start is not None:
+        yield pos + start, data[start:]
+
+
+def convert(
+    src_path: str,
+    dst_path: str,
+    options: ConvertOptions,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    src_format = options.src_format or detect_format(src_path)
+    src: QedImage | RawLayer
+    if src_format == "qed":
+        src = QedImage.open(src_path, read_only=True)
+    elif src_format == "raw":
+        src = RawLayer(src_path)
+    else:
+        raise ImageError(errno.EINVAL, f"Unknown file format '{src_format}'")
+    try:
+        size = src.size
+        block = ZERO_SCAN_BYTES
+        if options.dst_format == "qed":
+            create_image(
+                dst_path, size, cluster_size=options.cluster_size, table_size=options.table_size
+            )
+            dst_qed = QedImage.open(dst_path)
+            block = max(block, options.cluster_size)
+
+            def write(pos: int, data: bytes) -> None:
+                dst_qed.write(pos, data)
+
+            def finish() -> None:
+                dst_qed.close()
+        elif options.dst_format == "raw":
+            dst_raw = FileStorage(dst_path, create=True)
+            dst_raw.truncate(size)
+
+            def write(pos: int, data: bytes) -> None:
+                dst_raw.pwrite(data, pos)
+
+            def finish() -> None:
+                dst_raw.flush()
+                dst_raw.close()
+        else:
+            raise ImageError(errno.EINVAL, f"Unknown file format '{options.dst_format}'")
+        try:
+            for start, length in _data_ranges(src, size):
+                end = start + length
+                # read block-aligned chunks so zero detection lines up with the output's clusters
+                pos = start - start % block
+                while pos < end:
+                    n = min(COPY_CHUNK_BYTES, end - pos, size - pos)
+                    data = src.read(pos, n)
+                    for at, run in _nonzero_blocks(data, pos, block):
+                        write(at, run)
+                    pos += n
+                    if progress is not None and size:
+                        progress(min(100.0, 100.0 * pos / size))
+        finally:
+            finish()
+        if progress is not None:
+            progress(100.0)
+    finally:
+        src.close()
+
+
+def remove_partial(path: str) -> None:
+    """Remove an output file left by a failed conversion, if any."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

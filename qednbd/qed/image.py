@@ -1,0 +1,582 @@
+"""``QedImage``: open, read, write and close a QED image as QEMU's driver does.
+
+Theory of operation
+-------------------
+* **Lookup** walks L1 → L2 and returns one homogeneous *run* at a time (all
+  unallocated, all zero clusters, or physically contiguous data), clamped to the L2
+  table's region. Every table and cluster offset is validated (aligned, after the
+  header, before the allocation pointer) before it is followed; a bad one fails that
+  request with EIO and never reads another region.
+* **Allocation** is a bump pointer starting at the file length rounded down to a
+  cluster (``file_size``); nothing is freed or reused, as in QEMU.
+* **Allocating write order** (QEMU's, so the same writes give a byte-identical file):
+  set NEED_CHECK and flush (first allocation of a dirty period only) → data clusters,
+  with the untouched head and tail of partial clusters copied from the backing file or
+  zero → flush, if there is a backing file (the copied data must be durable before
+  anything points at it) → either a new L2 table written whole, a flush, and the one L1
+  sector; or the changed sectors of the existing L2 table.
+* Writes into a *zero cluster* copy zeros for the untouched part (QEMU copies from the
+  backing file there, which makes zeroed data reappear; we do not).
+* **write_zeroes**: whole clusters become zero entries (value 1) where unallocated and
+  are zeroed in place where allocated; partial clusters are ordinary writes of zeros.
+* **trim** punches host holes in whole allocated clusters and leaves every entry alone,
+  so ``qemu-img check`` stays clean and trimmed clusters read as zeros.
+* **NEED_CHECK** is set and flushed before the first allocating write of a dirty
+  period (also with a backing file, where QEMU does not) and cleared, after a flush, on
+  close and by :meth:`QedImage.poll_idle` once no allocating write has happened for
+  :data:`IDLE_CLEAR_SECONDS`. An image opened dirty keeps the bit until it is checked.
+  A read-only open never writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from typing import Protocol
+
+from qednbd.errors import ImageError, InvalidImage, UnsupportedFeature
+from qednbd.qed import format as fmt
+from qednbd.qed.backing import (
+    MAX_CHAIN_DEPTH,
+    LayerRun,
+    RawLayer,
+    probe_format,
+    resolve_backing_path,
+)
+from qednbd.qed.geometry import Geometry
+from qednbd.qed.storage import FileStorage, Storage
+from qednbd.qed.tables import UNALLOCATED, ZERO_CLUSTER, L1Table, L2Cache, write_zeros
+
+IDLE_CLEAR_SECONDS = 5.0  # QEMU's QED_NEED_CHECK_TIMEOUT
+DEFAULT_MEMORY_LIMIT = 64 * 1024 * 1024  # bytes for L1 plus the L2 cache, per image
+_COW_COMBINE_BYTES = 1 << 20  # below this an allocation is written with one pwrite
+
+
+class Kind(IntEnum):
+    UNALLOCATED = 0
+    ZERO = 1
+    DATA = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest bytes with one allocation state in this image (not its backing)."""
+
+    offset: int
+    length: int
+    kind: Kind
+    host_offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    kind: Kind
+    length: int
+    host_offset: int  # DATA: host offset of the run's first byte
+    l1_missing: bool  # UNALLOCATED because the L1 entry is 0 (no L2 table yet)
+    l2_offset: int
+
+
+class Layer(Protocol):
+    """A backing layer: a raw file or a QED image opened read-only."""
+
+    format_name: str
+    path: str
+    size: int
+
+    @property
+    def backing(self) -> Layer | None: ...
+
+    def read(self, pos: int, length: int) -> bytes: ...
+
+    def status(self, pos: int, length: int) -> list[LayerRun]: ...
+
+    def close(self) -> None: ...
+
+
+class QedImage:
+    """One open QED image. Not thread-safe: the owner serializes calls."""
+
+    format_name = "qed"
+
+    def __init__(
+        self,
+        storage: Storage,
+        path: str,
+        *,
+        open_backing: bool = True,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+        _chain: tuple[str, ...] = (),
+    ) -> None:
+        self.storage = storage
+        self.path = path
+        self.read_only = storage.read_only
+        self._clock = clock
+        self._last_alloc = 0.0
+        self._backing: Layer | None = None
+        file_length = storage.length()
+        header = fmt.Header.decode(storage.pread(fmt.HEADER_BYTES, 0))
+        fmt.validate_header(header, file_length)
+        self.header = header
+        self.geometry = Geometry.of(header.cluster_size, header.table_size, header.header_size)
+        self.file_size = file_length - file_length % header.cluster_size
+        self.backing_name = self._read_backing_name()
+        n_l1 = self.geometry.l1_entries_for(header.image_size)
+        l1_bytes = -(-n_l1 // 64) * 512
+        if l1_bytes > memory_limit:
+            raise InvalidImage(
+                f"L1 table needs {l1_bytes} bytes, more than the memory limit of {memory_limit}"
+            )
+        self.l1 = L1Table(storage, header.l1_table_offset, n_l1)
+        self.l2 = L2Cache(storage, self.geometry.table_bytes, memory_limit - l1_bytes)
+        self.opened_dirty = header.need_check
+        if not self.read_only and header.autoclear_features & ~fmt.AUTOCLEAR_FEATURE_MASK:
+            self._write_header(
+                replace(header, autoclear_features=header.autoclear_features & fmt.AUTOCLEAR_FEATURE_MASK)
+            )
+            storage.flush()
+        if open_backing and self.backing_name:
+            self._backing = open_layer(
+                resolve_backing_path(path, self.backing_name),
+                self.backing_format,
+                _chain + (os.path.realpath(path),),
+            )
+
+    # -- opening and closing ---------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        read_only: bool = False,
+        open_backing: bool = True,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> QedImage:
+        storage = FileStorage(path, read_only=read_only)
+        try:
+            return cls(storage, path, open_backing=open_backing, memory_limit=memory_limit, clock=clock)
+        except BaseException:
+            storage.close()
+            raise
+
+    def __enter__(self) -> QedImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and, if this session made the image dirty, clear NEED_CHECK."""
+        try:
+            if not self.read_only and self.storage is not None:
+                self.clear_need_check()
+        finally:
+            if self._backing is not None:
+                self._backing.close()
+                self._backing = None
+            self.storage.close()
+
+    def _read_backing_name(self) -> str:
+        h = self.header
+        if not h.features & fmt.F_BACKING_FILE or h.backing_filename_size == 0:
+            return ""
+        if h.backing_filename_size > fmt.MAX_BACKING_NAME_BYTES:
+            raise InvalidImage("Failed to read backing filename")
+        raw = self.storage.pread(h.backing_filename_size, h.backing_filename_offset)
+        return raw.decode("utf-8", "surrogateescape")
+
+    @property
+    def backing_format(self) -> str | None:
+        if not self.backing_name:
+            return None
+        return "raw" if self.header.features & fmt.F_BACKING_FORMAT_NO_PROBE else None
+
+    @property
+    def backing(self) -> Layer | None:
+        return self._backing
+
+    @property
+    def size(self) -> int:
+        return self.header.image_size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.header.cluster_size
+
+    # -- the header and NEED_CHECK ----------------------------------------------------
+
+    def _write_header(self, header: fmt.Header) -> None:
+        self.storage.pwrite(header.encode(), 0)
+        self.header = header
+
+    def _mark_dirty(self) -> None:
+        """Before an allocating write: NEED_CHECK set and durable first."""
+        self._last_alloc = self._clock()
+        if not self.header.need_check:
+            self._write_header(self.header.with_features(self.header.features | fmt.F_NEED_CHECK))
+            self.storage.flush()
+
+    def clear_need_check(self) -> None:
+        """Flush, then clear NEED_CHECK — unless the image came to us dirty (unchecked)."""
+        self.storage.flush()
+        if self.header.need_check and not self.opened_dirty:
+            self._write_header(self.header.with_features(self.header.features & ~fmt.F_NEED_CHECK))
+            self.storage.flush()
+
+    def mark_checked(self) -> None:
+        """A check found the image consistent: NEED_CHECK may now be cleared as usual."""
+        self.opened_dirty = False
+
+    def poll_idle(self) -> bool:
+        """Clear NEED_CHECK if no allocating write happened for IDLE_CLEAR_SECONDS.
+
+        The owner calls this periodically (the server from its event loop); it returns
+        True when it cleared the bit.
+        """
+        if self.read_only or not self.header.need_check or self.opened_dirty:
+            return False
+        if self._clock() - self._last_alloc < IDLE_CLEAR_SECONDS:
+            return False
+        self.clear_need_check()
+        return True
+
+    # -- lookup ----------------------------------------------------------------------
+
+    def _bad_offset(self, what: str, value: int, pos: int) -> ImageError:
+        return ImageError(errno.EIO, f"invalid {what} offset 0x{value:x} for guest offset 0x{pos:x}")
+
+    def _find_run(self, pos: int, length: int) -> _Run:
+        """The homogeneous run starting at ``pos``, at most ``length`` bytes."""
+        g = self.geometry
+        length = min(length, g.l2_region_end(pos) - pos)
+        l1_index = g.l1_index(pos)
+        l2_offset = self.l1[l1_index]
+        if l2_offset == UNALLOCATED:
+            return _Run(Kind.UNALLOCATED, length, 0, True, 0)
+        if not fmt.table_offset_valid(l2_offset, self.header, self.file_size):
+            raise self._bad_offset("L2 table", l2_offset, pos)
+        index = g.l2_index(pos)
+        n_wanted = g.clusters_spanned(pos, length)
+        cache = self.l2
+        page_entries = cache.page_entries
+        page_no, within = divmod(index, page_entries)
+        page = cache.page(l2_offset, page_no)
+        first = page[within]
+        if first == UNALLOCATED or first == ZERO_CLUSTER:
+            kind = Kind.UNALLOCATED if first == UNALLOCATED else Kind.ZERO
+        elif fmt.cluster_offset_valid(first, self.header, self.file_size):
+            kind = Kind.DATA
+        else:
+            raise self._bad_offset("data cluster", first, pos)
+        n = 1
+        expect = first
+        cs = g.cluster_size
+        limit = self.file_size
+        while n < n_wanted:
+            within += 1
+            if within == page_entries:
+                page_no += 1
+                within = 0
+                page = cache.page(l2_offset, page_no)
+            entry = page[within]
+            if kind == Kind.DATA:
+                expect += cs
+                if entry != expect or expect >= limit:
+                    break
+            elif entry != first:
+                break
+            n += 1
+        run_length = min(length, n * cs - g.offset_in_cluster(pos))
+        host = first + g.offset_in_cluster(pos) if kind == Kind.DATA else 0
+        return _Run(kind, run_length, host, False, l2_offset)
+
+    def block_status(self, pos: int, length: int) -> list[Extent]:
+        """This image's allocation over [pos, pos+length), contiguous runs merged."""
+        self._check_range(pos, length)
+        out: list[Extent] = []
+        end = pos + length
+        while pos < end:
+            run = self._find_run(pos, end - pos)
+            host = run.host_offset if run.kind == Kind.DATA else None
+            if out:
+                last = out[-1]
+                if last.kind == run.kind and (
+                    host is None or (last.host_offset is not None and last.host_offset + last.length == host)
+                ):
+                    out[-1] = Extent(last.offset, last.length + run.length, last.kind, last.host_offset)
+                    pos += run.length
+                    continue
+            out.append(Extent(pos, run.length, run.kind, host))
+            pos += run.length
+        return out
+
+    def status(self, pos: int, length: int) -> list[LayerRun]:
+        """Block status as a backing layer reports it."""
+        names = {Kind.UNALLOCATED: "unallocated", Kind.ZERO: "zero", Kind.DATA: "data"}
+        return [LayerRun(e.length, names[e.kind], e.host_offset) for e in self.block_status(pos, length)]
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _check_range(self, pos: int, length: int) -> None:
+        if pos < 0 or length < 0 or pos + length > self.header.image_size:
+            raise ImageError(
+                errno.EINVAL,
+                f"request 0x{pos:x}+0x{length:x} is outside the image (size 0x{self.header.image_size:x})",
+            )
+
+    def _read_backing(self, pos: int, length: int) -> bytes:
+        """Guest bytes from the backing file, zeros where there is none or it is shorter."""
+        backing = self._backing
+        if backing is None or pos >= backing.size:
+            return bytes(length)
+        n = min(length, backing.size - pos)
+        data = backing.read(pos, n)
+        return data if n == length else data + bytes(length - n)
+
+    def read(self, pos: int, length: int) -> bytes:
+        self._check_range(pos, length)
+        parts: list[bytes] = []
+        end = pos + length
+        while pos < end:
+            run = self._find_run(pos, end - pos)
+            if run.kind == Kind.DATA:
+                parts.append(self.storage.pread(run.length, run.host_offset))
+            elif run.kind == Kind.ZERO:
+                parts.append(bytes(run.length))
+            else:
+                parts.append(self._read_backing(pos, run.length))
+            pos += run.length
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ImageError(errno.EROFS, "image is opened read-only")
+
+    def _alloc(self, n_clusters: int) -> int:
+        offset = self.file_size
+        self.file_size += n_clusters * self.geometry.cluster_size
+        return offset
+
+    def write(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self._check_range(pos, len(view))
+        done = 0
+        total = len(view)
+        while done < total:
+            run = self._find_run(pos + done, total - done)
+            chunk = view[done : done + run.length]
+            if run.kind == Kind.DATA:
+                self.storage.pwrite(chunk, run.host_offset)
+            else:
+                self._allocating_write(pos + done, chunk, run)
+            done += run.length
+
+    def _cow_fill(self, pos: int, length: int, from_backing: bool) -> bytes:
+        return self._read_backing(pos, length) if from_backing else bytes(length)
+
+    def _allocating_write(self, pos: int, chunk: memoryview, run: _Run) -> None:
+        g = self.geometry
+        n = g.clusters_spanned(pos, len(chunk))
+        self._mark_dirty()
+        start = self._alloc(n)
+        head_pos = g.cluster_start(pos)
+        tail_pos = pos + len(chunk)
+        tail_len = g.cluster_end(tail_pos) - tail_pos
+        from_backing = run.kind == Kind.UNALLOCATED and self._backing is not None
+        total = n * g.cluster_size
+        if total <= _COW_COMBINE_BYTES:
+            buf = b"".join(
+                (
+                    self._cow_fill(head_pos, pos - head_pos, from_backing),
+                    chunk,
+                    self._cow_fill(tail_pos, tail_len, from_backing),
+                )
+            )
+            self.storage.pwrite(buf, start)
+        else:
+            self._fill(start, head_pos, pos - head_pos, from_backing)
+            self.storage.pwrite(chunk, start + pos - head_pos)
+            self._fill(start + tail_pos - head_pos, tail_pos, tail_len, from_backing)
+        if self._backing is not None:
+            self.storage.flush()
+        self._update_l2(pos, [start + i * g.cluster_size for i in range(n)], run)
+
+    def _fill(self, host: int, pos: int, length: int, from_backing: bool) -> None:
+        if not from_backing:
+            write_zeros(self.storage, host, length)
+            return
+        step = _COW_COMBINE_BYTES
+        for off in range(0, length, step):
+            n = min(step, length - off)
+            self.storage.pwrite(self._read_backing(pos + off, n), host + off)
+
+    def _update_l2(self, pos: int, values: list[int], run: _Run) -> None:
+        g = self.geometry
+        index = g.l2_index(pos)
+        if run.l1_missing:
+            table = self._alloc(g.table_size)
+            self.l2.write_new(table, index, values)
+            self.storage.flush()
+            self.l1.set(g.l1_index(pos), table)
+        else:
+            self.l2.update(run.l2_offset, index, values)
+
+    def write_zeroes(self, pos: int, length: int) -> None:
+        """Zero [pos, pos+length): zero entries for whole clusters, as QEMU does."""
+        self._check_writable()
+        self._check_range(pos, length)
+        g = self.geometry
+        end = pos + length
+        first_aligned = min(g.cluster_end(pos), end)
+        last_aligned = max(g.cluster_start(end), first_aligned)
+        if first_aligned > pos:
+            self.write(pos, bytes(first_aligned - pos))
+        p = first_aligned
+        while p < last_aligned:
+            run = self._find_run(p, last_aligned - p)
+            if run.kind == Kind.DATA:
+                write_zeros(self.storage, run.host_offset, run.length)
+            elif run.kind == Kind.UNALLOCATED:
+                self._mark_dirty()
+                self._update_l2(p, [ZERO_CLUSTER] * g.bytes_to_clusters(run.length), run)
+            p += run.length
+        if end > last_aligned:
+            self.write(last_aligned, bytes(end - last_aligned))
+
+    def trim(self, pos: int, length: int) -> None:
+        """Give back the host space of whole allocated clusters in the range.
+
+        Entries are untouched (so nothing leaks and check stays clean); a punched cluster
+        reads as zeros. Where the filesystem cannot punch holes this does nothing, which
+        the NBD protocol allows.
+        """
+        self._check_writable()
+        self._check_range(pos, length)
+        g = self.geometry
+        p = g.cluster_end(pos)
+        end = g.cluster_start(pos + length)
+        while p < end:
+            run = self._find_run(p, end - p)
+            if run.kind == Kind.DATA and not self.storage.punch_hole(run.host_offset, run.length):
+                return
+            p += run.length
+
+    def flush(self) -> None:
+        if not self.read_only:
+            self.storage.flush()
+
+    # -- header-only operations ------------------------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        """Grow the image; only the header changes, as with qemu-img resize."""
+        self._check_writable()
+        h = self.header
+        if new_size % fmt.SECTOR_SIZE or new_size > fmt.max_image_size(h.cluster_size, h.table_size):
+            raise ImageError(errno.EINVAL, "Invalid image size specified")
+        if new_size < h.image_size:
+            raise ImageError(errno.ENOTSUP, "Shrinking images is currently not supported")
+        if self.geometry.l1_entries_for(new_size) > len(self.l1):
+            self.l1 = L1Table(self.storage, h.l1_table_offset, self.geometry.l1_entries_for(new_size))
+        self._write_header(replace(h, image_size=new_size))
+        self.storage.flush()
+
+    def change_backing_file(self, name: str, backing_format: str | None) -> None:
+        """Rewrite the backing file name and format bits (``qemu-img rebase -u``)."""
+        self._check_writable()
+        h = self.header
+        if h.compat_features & ~fmt.COMPAT_FEATURE_MASK:
+            raise UnsupportedFeature("image has unknown compatible features; cannot change backing file")
+        raw_name = name.encode("utf-8", "surrogateescape")
+        if name:
+            resolve_backing_path(self.path, name)  # refuse protocol names before writing
+        if fmt.HEADER_BYTES + len(raw_name) > self.geometry.header_bytes:
+            raise ImageError(errno.ENOSPC, "backing file name does not fit in the header")
+        features = h.features & ~(fmt.F_BACKING_FILE | fmt.F_BACKING_FORMAT_NO_PROBE)
+        if name:
+            features |= fmt.F_BACKING_FILE
+            if backing_format == "raw":
+                features |= fmt.F_BACKING_FORMAT_NO_PROBE
+        new = replace(
+            h, features=features, backing_filename_offset=fmt.HEADER_BYTES, backing_filename_size=len(raw_name)
+        )
+        self.storage.pwrite(new.encode() + raw_name, 0)
+        self.storage.flush()
+        self.header = new
+        if self._backing is not None:
+            self._backing.close()
+            self._backing = None
+        self.backing_name = name
+        if name:
+            self._backing = open_layer(
+                resolve_backing_path(self.path, name), self.backing_format, (os.path.realpath(self.path),)
+            )
+
+
+def open_layer(path: str, layer_format: str | None, chain: tuple[str, ...]) -> Layer:
+    """Open one backing layer (and, for QED, its own chain) read-only."""
+    real = os.path.realpath(path)
+    if real in chain:
+        raise InvalidImage(f"backing file chain has a loop at '{path}'")
+    if len(chain) >= MAX_CHAIN_DEPTH:
+        raise InvalidImage(f"backing file chain is deeper than {MAX_CHAIN_DEPTH}")
+    try:
+        storage = FileStorage(path, read_only=True)
+    except ImageError as exc:
+        raise ImageError(exc.errno, f"Could not open backing file: {exc.message}") from exc
+    try:
+        kind = layer_format or probe_format(storage)
+        if kind == "raw":
+            storage.close()
+            return RawLayer(path)
+        return QedImage(storage, path, _chain=chain)
+    except BaseException:
+        storage.close()
+        raise
+
+
+def create_image(
+    path: str,
+    size: int,
+    *,
+    cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE,
+    table_size: int = fmt.DEFAULT_TABLE_SIZE,
+    backing_file: str = "",
+    backing_format: str | None = None,
+) -> None:
+    """Write a new image exactly as ``qemu-img create -f qed`` does (size rounded up to 512)."""
+    if not fmt.cluster_size_valid(cluster_size):
+        raise ImageError(
+            errno.EINVAL, "QED cluster size must be within range [4096, 67108864] and power of 2"
+        )
+    if not fmt.table_size_valid(table_size):
+        raise ImageError(errno.EINVAL, "QED table size must be within range [1, 16] and power of 2")
+    size = -(-size // fmt.SECTOR_SIZE) * fmt.SECTOR_SIZE
+    limit = fmt.max_image_size(cluster_size, table_size)
+    if size > limit:
+        raise ImageError(
+            errno.EINVAL,
+            f"QED image size must be a non-zero multiple of cluster size and less than {limit} bytes",
+        )
+    name = backing_file.encode("utf-8", "surrogateescape")
+    if backing_file:
+        resolve_backing_path(path, backing_file)
+    if fmt.HEADER_BYTES + len(name) > cluster_size:
+        raise ImageError(errno.ENOSPC, "backing file name does not fit in the header cluster")
+    header = fmt.new_header(cluster_size, table_size, size, name, backing_format == "raw")
+    storage = FileStorage(path, create=True)
+    try:
+        storage.pwrite(header.encode() + name, 0)
+        storage.truncate((1 + table_size) * cluster_size)
+        storage.flush()
+    finally:
+        storage.close()

@@ -1,0 +1,183 @@
+"""The storage seam: the only code that touches an image's file descriptor.
+
+Everything above this module sees a :class:`Storage` — positioned reads and writes,
+flush, hole punching, length. Tests substitute recording or failing implementations
+here to enumerate crash states and inject I/O errors; the QED rules never call ``os``
+directly. Reads past the end of the file return zeros, as a block device padded to its
+length would (QEMU's file driver does the same).
+
+OS errors become :class:`ImageError` with the same errno, so callers deal in one type.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Protocol
+
+from qednbd.errors import ImageError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class Storage(Protocol):
+    """What the QED layer needs from the file holding an image."""
+
+    @property
+    def read_only(self) -> bool: ...
+
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate host space; the range then reads as zeros. False if unsupported."""
+        ...
+
+    def length(self) -> int: ...
+
+    def truncate(self, length: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]  # private ctypes type
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    func = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if func is None:
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return func
+
+
+_fallocate = _load_fallocate()
+
+
+def _io_error(exc: OSError, what: str) -> ImageError:
+    return ImageError(exc.errno or errno.EIO, f"{what}: {exc.strerror or exc}")
+
+
+class FileStorage:
+    """A regular file (or block device) opened with ``os.open``."""
+
+    def __init__(self, path: str, read_only: bool = False, create: bool = False) -> None:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise _io_error(exc, f"Could not open '{path}'") from exc
+        self.path = path
+        self._read_only = read_only
+        self._can_punch = _fallocate is not None
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, offset)
+            while len(data) < length:
+                more = os.pread(self._fd, length - len(data), offset + len(data))
+                if not more:
+                    return data + bytes(length - len(data))
+                data += more
+        except OSError as exc:
+            raise _io_error(exc, "read failed") from exc
+        return data
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise _io_error(exc, "write failed") from exc
+
+    def flush(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise _io_error(exc, "flush failed") from exc
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        if not self._can_punch or _fallocate is None or length <= 0:
+            return False
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _fallocate(self._fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            self._can_punch = False
+            return False
+        raise ImageError(err, f"hole punch failed: {os.strerror(err)}")
+
+    def length(self) -> int:
+        try:
+            return os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise _io_error(exc, "stat failed") from exc
+
+    def data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_data) runs over [offset, offset+length), by SEEK_DATA/SEEK_HOLE.
+
+        Holes read as zeros. Where the filesystem cannot tell, everything is data.
+        """
+        end = offset + length
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos: a hole up to the end
+                    data = end
+                else:
+                    return [(offset, length, True)]
+            data = min(data, end)
+            if data > pos:
+                runs.append((pos, data - pos, False))
+                pos = data
+                continue
+            try:
+                hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+            except OSError:
+                return [(offset, length, True)]
+            if hole <= pos:  # the file changed under us; call the rest data
+                hole = end
+            runs.append((pos, hole - pos, True))
+            pos = hole
+        return runs
+
+    def allocated_bytes(self) -> int:
+        """Host bytes the file occupies (``actual-size`` in qemu-img info)."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def truncate(self, length: int) -> None:
+        try:
+            os.ftruncate(self._fd, length)
+        except OSError as exc:
+            raise _io_error(exc, "truncate failed") from exc
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
