@@ -145,7 +145,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     )
     rounded = -(-size // fmt.SECTOR_SIZE) * fmt.SECTOR_SIZE
     if not fmt.qemu_can_open(cluster_size, table_size, rounded):
-        why = "table_size=1" if table_size == 1 else f"cluster_size={cluster_size} with table_size={table_size}"
+        why = (
+            "table_size=1" if table_size == 1 else f"cluster_size={cluster_size} with table_size={table_size}"
+        )
         _warn(f"QEMU cannot open this image ({why}); qednbd can")
     return 0
 
@@ -276,4 +278,3 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         print(f"qednbd: {_subject(args)}internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     sys.exit(code)
-

@@ -8,6 +8,7 @@ unallocated in a QED output and holes in a raw one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
@@ -97,9 +98,7 @@ def convert(
         size = src.size
         block = ZERO_SCAN_BYTES
         if options.dst_format == "qed":
-            create_image(
-                dst_path, size, cluster_size=options.cluster_size, table_size=options.table_size
-            )
+            create_image(dst_path, size, cluster_size=options.cluster_size, table_size=options.table_size)
             dst_qed = QedImage.open(dst_path)
             block = max(block, options.cluster_size)
 
@@ -143,7 +142,5 @@ def convert(
 
 def remove_partial(path: str) -> None:
     """Remove an output file left by a failed conversion, if any."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -180,9 +180,7 @@ def table_offset_valid(offset: int, header: Header, file_size: int) -> bool:
     have no overflow to guard against, so the last cluster is checked directly.
     """
     last = offset + (header.table_size - 1) * header.cluster_size
-    return cluster_offset_valid(offset, header, file_size) and cluster_offset_valid(
-        last, header, file_size
-    )
+    return cluster_offset_valid(offset, header, file_size) and cluster_offset_valid(last, header, file_size)
 
 
 def new_header(

@@ -86,7 +86,9 @@ class Layer(Protocol):
 
     format_name: str
     path: str
-    size: int
+
+    @property
+    def size(self) -> int: ...
 
     @property
     def backing(self) -> Layer | None: ...
@@ -144,7 +146,7 @@ class QedImage:
             self._backing = open_layer(
                 resolve_backing_path(path, self.backing_name),
                 self.backing_format,
-                _chain + (os.path.realpath(path),),
+                (*_chain, os.path.realpath(path)),
             )
 
     # -- opening and closing ---------------------------------------------------------
@@ -269,7 +271,7 @@ class QedImage:
         page_no, within = divmod(index, page_entries)
         page = cache.page(l2_offset, page_no)
         first = page[within]
-        if first == UNALLOCATED or first == ZERO_CLUSTER:
+        if first in (UNALLOCATED, ZERO_CLUSTER):
             kind = Kind.UNALLOCATED if first == UNALLOCATED else Kind.ZERO
         elif fmt.cluster_offset_valid(first, self.header, self.file_size):
             kind = Kind.DATA
@@ -507,7 +509,10 @@ class QedImage:
             if backing_format == "raw":
                 features |= fmt.F_BACKING_FORMAT_NO_PROBE
         new = replace(
-            h, features=features, backing_filename_offset=fmt.HEADER_BYTES, backing_filename_size=len(raw_name)
+            h,
+            features=features,
+            backing_filename_offset=fmt.HEADER_BYTES,
+            backing_filename_size=len(raw_name),
         )
         self.storage.pwrite(new.encode() + raw_name, 0)
         self.storage.flush()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command: set up what the tests need, then run ruff, mypy --strict and pytest.
+# Extra arguments go to pytest, e.g.  bash scripts/test.sh -m 'not slow'
+#                                     bash scripts/test.sh tests/unit/test_layering.py -x
+set -eu
+cd "$(dirname "$0")/.."
+. scripts/_venv.sh
+
+# Debian packages the tests use, as PACKAGE=COMMAND,... (see need_debs in scripts/_venv.sh).
+DEB_PACKAGES="qemu-utils=qemu-img,qemu-io"
+
+# shellcheck disable=SC2086  # one word per package
+need_debs $DEB_PACKAGES
+make_venv
+pip_install -e '.[test]'
+
+lint_dirs=""
+for d in qednbd tests bench; do
+    if [ -d "$d" ]; then lint_dirs="$lint_dirs $d"; fi
+done
+say "ruff check$lint_dirs"
+# shellcheck disable=SC2086
+"$VENV/bin/ruff" check $lint_dirs
+
+say "mypy (strict, qednbd/)"
+"$VENV/bin/mypy"
+
+say "pytest $*"
+rc=0
+"$VENV/bin/python" -m pytest "$@" || rc=$?
+if [ "$rc" = 5 ]; then
+    die "pytest collected no tests (exit 5); a test run that runs nothing is a failure"
+fi
+exit "$rc"

@@ -1,0 +1,81 @@
+"""Helpers shared by the tests: run a command, drive the QEMU tools and qednbd, peek at headers.
+
+Tests import these directly (``from helpers import run``); pyproject.toml puts ``tests/`` on
+pytest's ``pythonpath``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+StrPath = str | os.PathLike[str]
+
+
+class CommandFailed(AssertionError):
+    """A command run with ``check=True`` exited non-zero; the message carries its output."""
+
+
+def run(
+    cmd: list[str],
+    check: bool = True,
+    input: str | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` capturing text stdout/stderr; with ``check``, fail showing both."""
+    proc = subprocess.run(
+        cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+    if check and proc.returncode != 0:
+        raise CommandFailed(
+            f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout}--- stderr ---\n{proc.stderr}"
+        )
+    return proc
+
+
+def qemu_img(*args: StrPath, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``qemu-img ARGS...``."""
+    return run(["qemu-img", *(os.fspath(a) for a in args)], check=check, timeout=timeout)
+
+
+def qemu_io(
+    path: StrPath, *commands: str, fmt: str = "qed", check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``qemu-io -f FMT -c CMD ... PATH``.
+
+    qemu-io exits 0 even when a command inside it fails; look at stdout/stderr as well.
+    """
+    cmd = ["qemu-io", "-f", fmt]
+    for c in commands:
+        cmd += ["-c", c]
+    cmd.append(os.fspath(path))
+    return run(cmd, check=check, timeout=timeout)
+
+
+def qednbd(*args: StrPath, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m qednbd ARGS...`` from this checkout; never raises on exit status."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return run(
+        [sys.executable, "-m", "qednbd", *(os.fspath(a) for a in args)],
+        check=False,
+        input=input,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def read_features(path: StrPath) -> int:
+    """The QED header's ``features`` field: a little-endian u64 at byte 16."""
+    with open(path, "rb") as f:
+        f.seek(16)
+        raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{os.fspath(path)}: too short for a QED header")
+    return int.from_bytes(raw, "little")
