@@ -20,8 +20,8 @@ from helpers import REPO_ROOT, StrPath, qemu_io
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from qednbd.cli import parse_size  # noqa: E402
-from qednbd.qed.image import QedImage  # noqa: E402
+from qednbd.cli import parse_size
+from qednbd.qed.image import QedImage
 
 QEMU_IO_DEFAULT_PATTERN = 0xCD
 
