@@ -121,6 +121,7 @@ class QedImage:
         self._clock = clock
         self._last_alloc = 0.0
         self._backing: Layer | None = None
+        self._closed = False
         file_length = storage.length()
         header = fmt.Header.decode(storage.pread(fmt.HEADER_BYTES, 0))
         fmt.validate_header(header, file_length)
@@ -175,9 +176,12 @@ class QedImage:
         self.close()
 
     def close(self) -> None:
-        """Flush and, if this session made the image dirty, clear NEED_CHECK."""
+        """Flush and, if this session made the image dirty, clear NEED_CHECK. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            if not self.read_only and self.storage is not None:
+            if not self.read_only:
                 self.clear_need_check()
         finally:
             if self._backing is not None:
