@@ -263,7 +263,10 @@ def _subject(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = _build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["resize"] and words[-1:] and re.match(r"-[0-9]", words[-1]):
+        words.insert(len(words) - 1, "--")  # a negative size is an argument, not an option
+    args = _build_parser().parse_args(words)
     try:
         code = COMMANDS[args.command](args)
     except (QednbdError, OSError) as exc:

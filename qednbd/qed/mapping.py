@@ -81,6 +81,8 @@ def map_image(image: QedImage, pos: int = 0, length: int | None = None) -> list[
     """Merged extents over [pos, pos+length) (the whole image by default)."""
     if length is None:
         length = image.size - pos
+    if length == 0:  # qemu-img map prints one empty extent for an empty image
+        return [MapExtent(pos, 0, 0, False, False, False, None, None)]
     merged: list[MapExtent] = []
     for ext in _layer_extents(image, 0, pos, length):
         if merged and merged[-1].mergeable(ext):
