@@ -255,7 +255,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _subject(args: argparse.Namespace) -> str:
-    for attr in ("filename", "source"):
+    """The file a failure is about; convert's errors name their own file."""
+    for attr in ("filename",):
         value = getattr(args, attr, None)
         if value:
             return f"{value}: "

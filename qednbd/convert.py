@@ -80,60 +80,93 @@ def _nonzero_blocks(data: bytes, pos: int, block: int) -> Iterator[tuple[int, by
         yield pos + start, data[start:]
 
 
+@contextlib.contextmanager
+def _blame(path: str) -> Iterator[None]:
+    """Name the file an error belongs to (source or destination)."""
+    try:
+        yield
+    except _Blamed:
+        raise
+    except ImageError as exc:
+        raise _Blamed(exc.errno, f"{path}: {exc.message}") from exc
+
+
+class _Blamed(ImageError):
+    """An error already prefixed with the file it belongs to."""
+
+
+class _Output:
+    """The destination: a new QED image or a sparse raw file."""
+
+    def __init__(self, path: str, size: int, options: ConvertOptions) -> None:
+        self.qed: QedImage | None = None
+        self.raw: FileStorage | None = None
+        self.block = ZERO_SCAN_BYTES
+        if options.dst_format == "qed":
+            create_image(path, size, cluster_size=options.cluster_size, table_size=options.table_size)
+            self.qed = QedImage.open(path)
+            self.block = max(self.block, options.cluster_size)
+        elif options.dst_format == "raw":
+            self.raw = FileStorage(path, create=True)
+            self.raw.truncate(size)
+        else:
+            raise ImageError(errno.EINVAL, f"Unknown file format '{options.dst_format}'")
+
+    def write(self, pos: int, data: bytes) -> None:
+        if self.qed is not None:
+            self.qed.write(pos, data)
+        elif self.raw is not None:
+            self.raw.pwrite(data, pos)
+
+    def close(self) -> None:
+        if self.qed is not None:
+            self.qed.close()
+        elif self.raw is not None:
+            self.raw.flush()
+            self.raw.close()
+
+
 def convert(
     src_path: str,
     dst_path: str,
     options: ConvertOptions,
     progress: Callable[[float], None] | None = None,
 ) -> None:
-    src_format = options.src_format or detect_format(src_path)
-    src: QedImage | RawLayer
-    if src_format == "qed":
-        src = QedImage.open(src_path, read_only=True)
-    elif src_format == "raw":
-        src = RawLayer(src_path)
-    else:
-        raise ImageError(errno.EINVAL, f"Unknown file format '{src_format}'")
+    """Copy ``src_path`` to a new ``dst_path``; errors name the file they belong to."""
+    with _blame(src_path):
+        src_format = options.src_format or detect_format(src_path)
+        src: QedImage | RawLayer
+        if src_format == "qed":
+            src = QedImage.open(src_path, read_only=True)
+        elif src_format == "raw":
+            src = RawLayer(src_path)
+        else:
+            raise ImageError(errno.EINVAL, f"Unknown file format '{src_format}'")
     try:
         size = src.size
-        block = ZERO_SCAN_BYTES
-        if options.dst_format == "qed":
-            create_image(dst_path, size, cluster_size=options.cluster_size, table_size=options.table_size)
-            dst_qed = QedImage.open(dst_path)
-            block = max(block, options.cluster_size)
-
-            def write(pos: int, data: bytes) -> None:
-                dst_qed.write(pos, data)
-
-            def finish() -> None:
-                dst_qed.close()
-        elif options.dst_format == "raw":
-            dst_raw = FileStorage(dst_path, create=True)
-            dst_raw.truncate(size)
-
-            def write(pos: int, data: bytes) -> None:
-                dst_raw.pwrite(data, pos)
-
-            def finish() -> None:
-                dst_raw.flush()
-                dst_raw.close()
-        else:
-            raise ImageError(errno.EINVAL, f"Unknown file format '{options.dst_format}'")
+        with _blame(dst_path):
+            out = _Output(dst_path, size, options)
         try:
-            for start, length in _data_ranges(src, size):
+            block = out.block
+            with _blame(src_path):
+                ranges = list(_data_ranges(src, size))
+            for start, length in ranges:
                 end = start + length
                 # read block-aligned chunks so zero detection lines up with the output's clusters
                 pos = start - start % block
                 while pos < end:
                     n = min(COPY_CHUNK_BYTES, end - pos, size - pos)
-                    data = src.read(pos, n)
-                    for at, run in _nonzero_blocks(data, pos, block):
-                        write(at, run)
+                    with _blame(src_path):
+                        data = src.read(pos, n)
+                    with _blame(dst_path):
+                        for at, run in _nonzero_blocks(data, pos, block):
+                            out.write(at, run)
                     pos += n
                     if progress is not None and size:
                         progress(min(100.0, 100.0 * pos / size))
         finally:
-            finish()
+            with _blame(dst_path):
+                out.close()
         if progress is not None:
             progress(100.0)
     finally:

@@ -139,8 +139,8 @@ def qemu_can_open(cluster_size: int, table_size: int, image_size: int) -> bool:
 def validate_header(header: Header, file_length: int) -> None:
     """Raise :class:`InvalidImage`/:class:`UnsupportedFeature` if QEMU's open would refuse.
 
-    ``file_length`` is the image file's length in bytes; offsets must lie below it
-    rounded down to a whole cluster, as QEMU requires.
+    ``file_length`` is the image file's length in bytes; offsets must lie below
+    :func:`usable_file_size`, as QEMU requires.
     """
     if header.magic != MAGIC:
         raise InvalidImage("Image not in QED format")
@@ -154,7 +154,7 @@ def validate_header(header: Header, file_length: int) -> None:
         raise InvalidImage("QED table size is invalid")
     if not image_size_valid(header.image_size, cs, header.table_size):
         raise InvalidImage("QED image size is invalid")
-    file_size = file_length - file_length % cs
+    file_size = usable_file_size(file_length, cs)
     if not table_offset_valid(header.l1_table_offset, header, file_size):
         raise InvalidImage("QED table offset is invalid")
     header_bytes = header.header_size * cs
@@ -164,6 +164,13 @@ def validate_header(header: Header, file_length: int) -> None:
         header.backing_filename_offset + header.backing_filename_size > header_bytes
     ):
         raise InvalidImage("QED backing filename offset is invalid")
+
+
+def usable_file_size(file_length: int, cluster_size: int) -> int:
+    """Where allocation starts: QEMU sees a file in whole sectors (length rounded up to
+    512), then rounds down to a cluster. A tail shorter than a sector reads as zeros."""
+    sectors = -(-file_length // SECTOR_SIZE) * SECTOR_SIZE
+    return sectors - sectors % cluster_size
 
 
 def cluster_offset_valid(offset: int, header: Header, file_size: int) -> bool:

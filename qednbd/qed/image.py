@@ -127,7 +127,7 @@ class QedImage:
         fmt.validate_header(header, file_length)
         self.header = header
         self.geometry = Geometry.of(header.cluster_size, header.table_size, header.header_size)
-        self.file_size = file_length - file_length % header.cluster_size
+        self.file_size = fmt.usable_file_size(file_length, header.cluster_size)
         self.backing_name = self._read_backing_name()
         n_l1 = self.geometry.l1_entries_for(header.image_size)
         l1_bytes = -(-n_l1 // 64) * 512
