@@ -21,6 +21,7 @@ from qednbd.convert import ConvertOptions, convert, detect_format, remove_partia
 from qednbd.errors import ConfigError, QednbdError
 from qednbd.qed import format as fmt
 from qednbd.qed.backing import resolve_backing_path
+from qednbd.qed.check import check, report_human, report_json
 from qednbd.qed.image import QedImage, create_image, open_layer
 from qednbd.qed.info import human_info, image_info
 from qednbd.qed.mapping import map_image
@@ -82,6 +83,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show an image's header information")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed")
+    p.add_argument("filename")
+
+    p = sub.add_parser("check", help="check an image's tables for corruption and leaks (reads only)")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
+    p.add_argument("-r", dest="repair", choices=["leaks", "all"], help="repair (not implemented yet)")
     p.add_argument("filename")
 
     p = sub.add_parser("map", help="show allocation through the backing chain")
@@ -173,6 +180,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit status as qemu-img check's: 0 clean, 1 incomplete, 2 corruptions, 3 leaks only."""
+    if args.repair:
+        raise ConfigError("repair (-r) is not implemented yet")
+    with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
+        report = check(image)
+    print(report_json(report, args.filename) if args.output == "json" else report_human(report))
+    if report.check_errors:
+        errors = [f.detail for f in report.findings if f.detail]
+        reason = f": {errors[0]}" if errors else ""
+        print(f"qednbd: {args.filename}: Check failed{reason}", file=sys.stderr)
+    return report.exit_code
+
+
 def cmd_map(args: argparse.Namespace) -> int:
     with QedImage.open(args.filename, read_only=True) as image:
         extents = map_image(image)
@@ -247,6 +268,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "create": cmd_create,
     "info": cmd_info,
+    "check": cmd_check,
     "map": cmd_map,
     "convert": cmd_convert,
     "resize": cmd_resize,
