@@ -14,6 +14,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import NoReturn
 
 from qednbd import __version__
@@ -25,6 +26,7 @@ from qednbd.qed.check import check, report_human, report_json
 from qednbd.qed.image import QedImage, create_image, open_layer
 from qednbd.qed.info import human_info, image_info
 from qednbd.qed.mapping import map_image
+from qednbd.qed.repair import repair
 from qednbd.qed.storage import FileStorage
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -88,7 +90,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check an image's tables for corruption and leaks (reads only)")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed")
-    p.add_argument("-r", dest="repair", choices=["leaks", "all"], help="repair (not implemented yet)")
+    p.add_argument(
+        "-r",
+        dest="repair",
+        choices=["leaks", "all"],
+        help="repair: 'leaks' clears invalid offsets and frees leaked space; 'all' also splits "
+        "clusters referenced twice and clears entries that point into metadata",
+    )
     p.add_argument("filename")
 
     p = sub.add_parser("map", help="show allocation through the backing chain")
@@ -183,9 +191,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit status as qemu-img check's: 0 clean, 1 incomplete, 2 corruptions, 3 leaks only."""
     if args.repair:
-        raise ConfigError("repair (-r) is not implemented yet")
-    with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
-        report = check(image)
+        with QedImage.open(args.filename, open_backing=False, recover=False) as image:
+            result = repair(image, args.repair)
+        report = replace(
+            result.after, corruptions_fixed=result.corruptions_fixed, leaks_fixed=result.leaks_fixed
+        )
+        if args.output == "human" and (result.corruptions_fixed or result.leaks_fixed):
+            print(
+                "The following inconsistencies were found and repaired:\n\n"
+                f"    {result.leaks_fixed} leaked clusters\n    {result.corruptions_fixed} corruptions\n\n"
+                "Double checking the fixed image now..."
+            )
+    else:
+        with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
+            report = check(image)
     print(report_json(report, args.filename) if args.output == "json" else report_human(report))
     if report.check_errors:
         errors = [f.detail for f in report.findings if f.detail]

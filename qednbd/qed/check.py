@@ -134,7 +134,7 @@ class CheckReport:
         return 0
 
 
-class _ClusterBitmap:
+class ClusterBitmap:
     """One bit per cluster of the file: set when something references the cluster."""
 
     def __init__(self, n_clusters: int, first_checked: int) -> None:
@@ -164,6 +164,21 @@ class _ClusterBitmap:
             else:
                 bits[i >> 3] = byte | bit
         return already
+
+    def any_marked(self, first: int, n: int) -> bool:
+        bits = self.bits
+        return any(bits[i >> 3] & (1 << (i & 7)) for i in range(first, first + n))
+
+    def last_marked(self) -> int:
+        """Index of the highest marked cluster below ``n_clusters`` (-1 if none)."""
+        n = self.n_clusters
+        for i in range(n - 1, (n & ~7) - 1, -1):  # the last, partly used byte
+            if self.bits[i >> 3] & (1 << (i & 7)):
+                return i
+        whole = bytes(self.bits[: n >> 3]).rstrip(b"\0")
+        if not whole:
+            return -1
+        return (len(whole) - 1) * 8 + whole[-1].bit_length() - 1
 
     def count_clear(self) -> int:
         view = memoryview(self.bits)
@@ -199,7 +214,7 @@ class _ClusterBitmap:
             yield run_start, run_end - run_start
 
 
-def _nonzero_in(raw: bytes, first: int) -> Iterator[tuple[int, int]]:
+def nonzero_entries(raw: bytes, first: int) -> Iterator[tuple[int, int]]:
     """(index, value) of each non-zero entry in ``raw``, entries numbered from ``first``.
 
     Tables are mostly zeros: all-zero blocks are skipped by a C-level comparison, and only
@@ -216,7 +231,7 @@ def _nonzero_in(raw: bytes, first: int) -> Iterator[tuple[int, int]]:
             yield base + i, entries[i]
 
 
-def _table_chunks(table_offset: int, n_entries: int) -> Iterator[tuple[int, int, int]]:
+def table_chunks(table_offset: int, n_entries: int) -> Iterator[tuple[int, int, int]]:
     """(first entry, entry count, byte offset) of each bounded read covering a table."""
     chunk_entries = MAX_READ_BYTES // ENTRY_BYTES
     for first in range(0, n_entries, chunk_entries):
@@ -231,7 +246,7 @@ class _Checker:
         self.geometry = image.geometry
         self.storage = image.storage
         self.file_size = image.file_size
-        self.used = _ClusterBitmap(self.file_size // self.geometry.cluster_size, self.header.header_size)
+        self.used = ClusterBitmap(self.file_size // self.geometry.cluster_size, self.header.header_size)
         self.corruptions = 0
         self.check_errors = 0
         self.allocated = 0
@@ -257,13 +272,13 @@ class _Checker:
         # Open validated the L1 offset against a file no longer than the allocation
         # pointer, so these clusters are in the bitmap, and nothing has marked them yet.
         self.used.mark(l1_offset // g.cluster_size, g.table_size)
-        for first, n, offset in _table_chunks(l1_offset, g.table_entries):
+        for first, n, offset in table_chunks(l1_offset, g.table_entries):
             try:
                 raw = self.storage.pread(n * ENTRY_BYTES, offset)
             except ImageError as exc:
                 self.io_error(exc, l1_offset, first, offset)
                 continue
-            for index, l2_offset in _nonzero_in(raw, first):
+            for index, l2_offset in nonzero_entries(raw, first):
                 self.l1_entry(index, l2_offset)
         leaks = 0
         if not self.check_errors:  # an unread table would make its clusters look leaked
@@ -298,13 +313,13 @@ class _Checker:
             self.note(Finding(FindingKind.DUPLICATE, l1_offset, index, l2_offset, guest, shared))
             return
         last = 0  # the previous offset in this table, for fragmentation
-        for first, n, offset in _table_chunks(l2_offset, g.table_entries):
+        for first, n, offset in table_chunks(l2_offset, g.table_entries):
             try:
                 raw = self.storage.pread(n * ENTRY_BYTES, offset)
             except ImageError as exc:
                 self.io_error(exc, l1_offset, index, l2_offset)
                 return  # the rest of this table is unknown
-            last = self.l2_entries(l2_offset, guest, _nonzero_in(raw, first), last)
+            last = self.l2_entries(l2_offset, guest, nonzero_entries(raw, first), last)
 
     def l2_entries(self, l2_offset: int, guest: int, entries: Iterator[tuple[int, int]], last: int) -> int:
         """Count and mark one chunk of an L2 table; return the last offset seen."""

@@ -24,7 +24,9 @@ Theory of operation
 * **NEED_CHECK** is set and flushed before the first allocating write of a dirty
   period (also with a backing file, where QEMU does not) and cleared, after a flush, on
   close and by :meth:`QedImage.poll_idle` once no allocating write has happened for
-  :data:`IDLE_CLEAR_SECONDS`. An image opened dirty keeps the bit until it is checked.
+  :data:`IDLE_CLEAR_SECONDS`. A read-write open of a dirty image checks and repairs
+  it first (:mod:`qednbd.qed.repair`); without that (``recover=False``) the bit stays
+  set until a check has passed.
   A read-only open never writes.
 """
 
@@ -113,6 +115,7 @@ class QedImage:
         open_backing: bool = True,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         clock: Callable[[], float] = time.monotonic,
+        recover: bool = True,
         _chain: tuple[str, ...] = (),
     ) -> None:
         self.storage = storage
@@ -149,6 +152,19 @@ class QedImage:
                 self.backing_format,
                 (*_chain, os.path.realpath(path)),
             )
+        if recover and self.opened_dirty and not self.read_only:
+            self._recover()
+
+    def _recover(self) -> None:
+        """A read-write open of a dirty image: check and repair first (QEMU does too)."""
+        from qednbd.qed.repair import recover_on_open  # repair builds on this module
+
+        try:
+            recover_on_open(self)
+        except BaseException:
+            if self._backing is not None:
+                self._backing.close()
+            raise
 
     # -- opening and closing ---------------------------------------------------------
 
@@ -161,10 +177,20 @@ class QedImage:
         open_backing: bool = True,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         clock: Callable[[], float] = time.monotonic,
+        recover: bool = True,
     ) -> QedImage:
+        """Open an image; a read-write open of a dirty image checks and repairs it first
+        (``recover=False`` leaves that to the caller, as ``qednbd check -r`` does)."""
         storage = FileStorage(path, read_only=read_only)
         try:
-            return cls(storage, path, open_backing=open_backing, memory_limit=memory_limit, clock=clock)
+            return cls(
+                storage,
+                path,
+                open_backing=open_backing,
+                memory_limit=memory_limit,
+                clock=clock,
+                recover=recover,
+            )
         except BaseException:
             storage.close()
             raise
@@ -225,9 +251,19 @@ class QedImage:
     def _mark_dirty(self) -> None:
         """Before an allocating write: NEED_CHECK set and durable first."""
         self._last_alloc = self._clock()
+        self.set_need_check()
+
+    def set_need_check(self) -> None:
+        """Set NEED_CHECK and make it durable (no-op if already set)."""
+        self._check_writable()
         if not self.header.need_check:
             self._write_header(self.header.with_features(self.header.features | fmt.F_NEED_CHECK))
             self.storage.flush()
+
+    def reload_tables(self) -> None:
+        """Forget cached tables after something rewrote them behind the cache (repair)."""
+        self.l1.reload()
+        self.l2.clear()
 
     def clear_need_check(self) -> None:
         """Flush, then clear NEED_CHECK — unless the image came to us dirty (unchecked)."""
@@ -367,7 +403,7 @@ class QedImage:
         if self.read_only:
             raise ImageError(errno.EROFS, "image is opened read-only")
 
-    def _alloc(self, n_clusters: int) -> int:
+    def alloc_clusters(self, n_clusters: int) -> int:
         offset = self.file_size
         self.file_size += n_clusters * self.geometry.cluster_size
         return offset
@@ -394,7 +430,7 @@ class QedImage:
         g = self.geometry
         n = g.clusters_spanned(pos, len(chunk))
         self._mark_dirty()
-        start = self._alloc(n)
+        start = self.alloc_clusters(n)
         head_pos = g.cluster_start(pos)
         tail_pos = pos + len(chunk)
         tail_len = g.cluster_end(tail_pos) - tail_pos
@@ -430,7 +466,7 @@ class QedImage:
         g = self.geometry
         index = g.l2_index(pos)
         if run.l1_missing:
-            table = self._alloc(g.table_size)
+            table = self.alloc_clusters(g.table_size)
             self.l2.write_new(table, index, values)
             self.storage.flush()
             self.l1.set(g.l1_index(pos), table)

@@ -63,9 +63,9 @@ def _backed(tmp_path: Path) -> str:
     return _fresh(tmp_path, 4 * MiB, backing_file="base.raw", backing_format="raw")
 
 
-def _open(recorder, path: str, clock=None, read_only: bool = False):
+def _open(recorder, path: str, clock=None, read_only: bool = False, recover: bool = True):
     rec = recorder(path, read_only=read_only)
-    image = QedImage(rec.as_storage(), path, clock=clock or FakeClock())
+    image = QedImage(rec.as_storage(), path, clock=clock or FakeClock(), recover=recover)
     return rec, image
 
 
@@ -318,10 +318,23 @@ def test_read_only_open_of_a_dirty_image_writes_nothing(tmp_path, recorder) -> N
 
 
 @pytest.mark.interop
-def test_rw_open_of_a_dirty_image_keeps_the_bit(tmp_path, recorder) -> None:
+def test_rw_open_of_a_dirty_image_checks_it_and_clears_the_bit(tmp_path, recorder, caplog) -> None:
+    """QEMU's rule, kept: a read-write open of a dirty image checks (and repairs) it first."""
+    path = _dirty_by_qemu(tmp_path)
+    caplog.set_level("INFO", logger="qednbd.qed.repair")
+    rec, image = _open(recorder, path)
+    assert not read_features(path) & F_NEED_CHECK, "the open did not check and clear the bit"
+    assert rec.events[-1].kind == "flush"
+    assert "not closed cleanly" in caplog.text
+    assert image.read(0, 4 * KiB) == b"\xcd" * 4 * KiB
+    image.close()
+
+
+@pytest.mark.interop
+def test_rw_open_without_recovery_keeps_the_bit(tmp_path, recorder) -> None:
     path = _dirty_by_qemu(tmp_path)
     clock = FakeClock(0.0)
-    _rec, image = _open(recorder, path, clock)
+    _rec, image = _open(recorder, path, clock, recover=False)
     assert image.read(0, 4 * KiB) == b"\xcd" * 4 * KiB
     image.write(4 * KiB, b"\x11" * 4 * KiB)  # in place
     image.write(CS, b"\x12" * 4 * KiB)  # allocating
@@ -335,10 +348,10 @@ def test_rw_open_of_a_dirty_image_keeps_the_bit(tmp_path, recorder) -> None:
         assert again.read(CS, 4 * KiB) == b"\x12" * 4 * KiB
 
 
-def test_rw_open_of_a_dirty_image_keeps_the_bit_even_without_writes(tmp_path, ondisk) -> None:
+def test_rw_open_without_recovery_keeps_the_bit_even_without_writes(tmp_path, ondisk) -> None:
     path = _fresh(tmp_path)
     ondisk.poke_u64(path, 16, F_NEED_CHECK)
-    with QedImage.open(path) as image:
+    with QedImage.open(path, recover=False) as image:
         image.read(0, 4096)
     assert read_features(path) == F_NEED_CHECK
 

@@ -32,9 +32,9 @@ from qednbd.errors import ImageError
 from qednbd.qed.check import (
     MAX_FINDINGS,
     CheckReport,
+    ClusterBitmap,
     Finding,
     FindingKind,
-    _ClusterBitmap,
     check,
     report_human,
     report_json,
@@ -513,7 +513,7 @@ def test_unreadable_table_is_a_check_error(base_image: Path, tmp_path: Path) -> 
 )
 def test_leak_runs_and_count(n_clusters: int, header: int, marked: list[tuple[int, int]]) -> None:
     """The bitmap's clear runs and clear count against a plain set of cluster numbers."""
-    bitmap = _ClusterBitmap(n_clusters, header)
+    bitmap = ClusterBitmap(n_clusters, header)
     used = set(range(min(header, n_clusters)))
     for first, n in marked:
         n = max(0, min(n, n_clusters - first))
@@ -546,21 +546,10 @@ def test_check_does_not_write(case: str, base_image: Path, tmp_path: Path) -> No
     old_time = time.time() - 100
     os.utime(path, (old_time, old_time))  # an mtime a write would visibly move
     before = _snapshot(path)
-    for args in (["check", path], ["check", "--output=json", path], ["check", "-r", "all", path]):
+    for args in (["check", path], ["check", "--output=json", path]):
         qednbd(*args)
     report_of(path)
     assert _snapshot(path) == before
-
-
-def test_repair_is_refused_for_now(base_image: Path, tmp_path: Path) -> None:
-    path = tmp_path / "t.qed"
-    shutil.copyfile(base_image, path)
-    BASE_CASES["l2-past-eof"](path)
-    for mode in ("leaks", "all"):
-        proc = qednbd("check", "-r", mode, path)
-        assert proc.returncode == 1
-        assert proc.stdout == ""
-        assert proc.stderr.splitlines() == [f"qednbd: {path}: repair (-r) is not implemented yet"]
 
 
 def test_unopenable_image_is_one_line_exit_1(tmp_path: Path) -> None:
