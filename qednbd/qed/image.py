@@ -125,6 +125,7 @@ class QedImage:
         self._last_alloc = 0.0
         self._backing: Layer | None = None
         self._closed = False
+        self._need_check_durable = True  # whether header.need_check is known to be on disk
         file_length = storage.length()
         header = fmt.Header.decode(storage.pread(fmt.HEADER_BYTES, 0))
         fmt.validate_header(header, file_length)
@@ -256,9 +257,15 @@ class QedImage:
     def set_need_check(self) -> None:
         """Set NEED_CHECK and make it durable (no-op if already set)."""
         self._check_writable()
-        if not self.header.need_check:
-            self._write_header(self.header.with_features(self.header.features | fmt.F_NEED_CHECK))
-            self.storage.flush()
+        if not self.header.need_check or not self._need_check_durable:
+            old = self.header.with_features(self.header.features & ~fmt.F_NEED_CHECK)
+            try:
+                self._write_header(old.with_features(old.features | fmt.F_NEED_CHECK))
+                self.storage.flush()
+            except BaseException:
+                self.header = old  # not known durable: the next allocating write tries again
+                raise
+            self._need_check_durable = True
 
     def reload_tables(self) -> None:
         """Forget cached tables after something rewrote them behind the cache (repair)."""
@@ -269,8 +276,15 @@ class QedImage:
         """Flush, then clear NEED_CHECK — unless the image came to us dirty (unchecked)."""
         self.storage.flush()
         if self.header.need_check and not self.opened_dirty:
-            self._write_header(self.header.with_features(self.header.features & ~fmt.F_NEED_CHECK))
-            self.storage.flush()
+            old = self.header
+            try:
+                self._write_header(old.with_features(old.features & ~fmt.F_NEED_CHECK))
+                self.storage.flush()
+            except BaseException:
+                # The bit on disk is now unknown: the next allocating write sets it again.
+                self.header = old
+                self._need_check_durable = False
+                raise
 
     def mark_checked(self) -> None:
         """A check found the image consistent: NEED_CHECK may now be cleared as usual."""

@@ -70,10 +70,16 @@ class L1Table:
         return self.entries[index]
 
     def set(self, index: int, value: int) -> None:
-        """Set one entry and write the sector holding it (no flush)."""
-        self.entries[index] = value
+        """Set one entry and write the sector holding it (no flush).
+
+        Memory changes only once the write succeeded: a failed write must not leave an
+        entry that later sector writes would make durable behind the caller's back.
+        """
         lo, hi = _sector_span(index, 1)
-        self.storage.pwrite(encode_entries(self.entries[lo:hi]), self.offset + lo * ENTRY_BYTES)
+        sector = self.entries[lo:hi]
+        sector[index - lo] = value
+        self.storage.pwrite(encode_entries(sector), self.offset + lo * ENTRY_BYTES)
+        self.entries[index] = value
 
     def reload(self) -> None:
         self.entries = decode_entries(self.storage.pread(len(self.entries) * ENTRY_BYTES, self.offset))
@@ -117,12 +123,14 @@ class L2Cache:
             page_no, within = divmod(index, self.page_entries)
             page = self.page(table_offset, page_no)
             n = min(len(values) - done, self.page_entries - within)
-            page[within : within + n] = array("Q", values[done : done + n])
             lo, hi = _sector_span(within, n)
+            sectors = page[lo:hi]
+            sectors[within - lo : within - lo + n] = array("Q", values[done : done + n])
             self.storage.pwrite(
-                encode_entries(page[lo:hi]),
+                encode_entries(sectors),
                 table_offset + page_no * self.page_bytes + lo * ENTRY_BYTES,
             )
+            page[lo:hi] = sectors  # only after the write succeeded (see L1Table.set)
             done += n
 
     def write_new(self, table_offset: int, first: int, values: Sequence[int]) -> None:
