@@ -18,16 +18,12 @@ from dataclasses import replace
 from typing import NoReturn
 
 from qednbd import __version__
-from qednbd.convert import ConvertOptions, convert, detect_format, remove_partial
 from qednbd.errors import ConfigError, QednbdError
 from qednbd.qed import format as fmt
-from qednbd.qed.backing import resolve_backing_path
-from qednbd.qed.check import check, report_human, report_json
-from qednbd.qed.image import QedImage, create_image, open_layer
-from qednbd.qed.info import human_info, image_info
-from qednbd.qed.mapping import map_image
-from qednbd.qed.repair import repair
-from qednbd.qed.storage import FileStorage
+
+# Each command imports the modules it needs when it runs: `qednbd check` on a big image
+# is compared with qemu-img check, and importing every command's modules costs more
+# than the check of a sparse terabyte.
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
@@ -131,6 +127,8 @@ def _warn(message: str) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    from qednbd.qed.image import create_image
+
     opts = parse_create_options(args.options)
     cluster_size = opts.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE)
     table_size = opts.get("table_size", fmt.DEFAULT_TABLE_SIZE)
@@ -169,6 +167,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def _open_backing_for_create(image_path: str, name: str, backing_format: str) -> int:
     """Open the backing file as qemu-img create does; return its size."""
+    from qednbd.qed.backing import resolve_backing_path
+    from qednbd.qed.image import open_layer
+
     layer = open_layer(resolve_backing_path(image_path, name), backing_format, ())
     try:
         return layer.size
@@ -177,6 +178,10 @@ def _open_backing_for_create(image_path: str, name: str, backing_format: str) ->
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from qednbd.qed.image import QedImage
+    from qednbd.qed.info import human_info, image_info
+    from qednbd.qed.storage import FileStorage
+
     with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
         storage = image.storage
         actual = storage.allocated_bytes() if isinstance(storage, FileStorage) else 0
@@ -188,8 +193,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminal_progress() -> Callable[[float], None] | None:
+    """A progress line on stderr when it is a terminal (it is erased when done)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(fraction: float) -> None:
+        if fraction >= 1.0:
+            sys.stderr.write("\r\033[K")
+        else:
+            sys.stderr.write(f"\r    ({100.0 * fraction:3.2f}/100%)")
+        sys.stderr.flush()
+
+    return show
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit status as qemu-img check's: 0 clean, 1 incomplete, 2 corruptions, 3 leaks only."""
+    from qednbd.qed.check import check, report_human, report_json
+    from qednbd.qed.image import QedImage
+    from qednbd.qed.repair import repair
+
     if args.repair:
         with QedImage.open(args.filename, open_backing=False, recover=False) as image:
             result = repair(image, args.repair)
@@ -204,7 +228,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
     else:
         with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
-            report = check(image)
+            report = check(image, _terminal_progress())
     print(report_json(report, args.filename) if args.output == "json" else report_human(report))
     if report.check_errors:
         errors = [f.detail for f in report.findings if f.detail]
@@ -214,6 +238,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    from qednbd.qed.image import QedImage
+    from qednbd.qed.mapping import map_image
+
     with QedImage.open(args.filename, read_only=True) as image:
         extents = map_image(image)
     if args.output == "json":
@@ -231,6 +258,8 @@ def _hex(value: int) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from qednbd.convert import ConvertOptions, convert, remove_partial
+
     opts = parse_create_options(args.options)
     if opts and args.dst_format != "qed":
         raise ConfigError("-o cluster_size/table_size apply to QED output only")
@@ -260,6 +289,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    from qednbd.qed.image import QedImage
+
     text: str = args.size
     with QedImage.open(args.filename) as image:
         if text.startswith("+"):
@@ -274,6 +305,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
+    from qednbd.convert import detect_format
+    from qednbd.qed.backing import resolve_backing_path
+    from qednbd.qed.image import QedImage
+
     backing_format = args.backing_format
     with QedImage.open(args.filename, open_backing=False) as image:
         if args.backing and backing_format is None:

@@ -52,7 +52,7 @@ from __future__ import annotations
 import errno
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import compress
@@ -70,6 +70,7 @@ MAX_FINDINGS = 4096
 # One bit per cluster: 1 GiB covers a 512 TiB file of 64 KiB clusters; a sparse file
 # claiming more would make the bitmap alone exhaust memory.
 MAX_BITMAP_BYTES = 1 << 30
+_PROGRESS_EVERY_TABLES = 64  # L2 tables between two progress reports
 _POPCOUNT_CHUNK = 1 << 16  # bitmap bytes turned into one int at a time when counting
 _SCAN_BLOCK_BYTES = 4096  # table bytes compared with zeros, then decoded, at a time
 _ZERO_BLOCK = bytes(_SCAN_BLOCK_BYTES)
@@ -241,7 +242,8 @@ def table_chunks(table_offset: int, n_entries: int) -> Iterator[tuple[int, int, 
 class _Checker:
     """One pass over an image's tables; the counters accumulate here."""
 
-    def __init__(self, image: QedImage) -> None:
+    def __init__(self, image: QedImage, progress: Callable[[float], None] | None = None) -> None:
+        self.progress = progress
         self.header = image.header
         self.geometry = image.geometry
         self.storage = image.storage
@@ -268,6 +270,7 @@ class _Checker:
 
     def run(self) -> CheckReport:
         g = self.geometry
+        addressable = max(1, g.l1_entries_for(self.header.image_size))
         l1_offset = self.header.l1_table_offset
         # Open validated the L1 offset against a file no longer than the allocation
         # pointer, so these clusters are in the bitmap, and nothing has marked them yet.
@@ -280,6 +283,8 @@ class _Checker:
                 continue
             for index, l2_offset in nonzero_entries(raw, first):
                 self.l1_entry(index, l2_offset)
+                if self.progress is not None and index % _PROGRESS_EVERY_TABLES == 0:
+                    self.progress(min(1.0, index / addressable))
         leaks = 0
         if not self.check_errors:  # an unread table would make its clusters look leaked
             leaks = self.used.count_clear()
@@ -356,9 +361,15 @@ class _Checker:
                 return  # the leak counter is exact without the rest of the runs
 
 
-def check(image: QedImage) -> CheckReport:
-    """Check ``image``'s tables against its file; reads tables only, never writes."""
-    return _Checker(image).run()
+def check(image: QedImage, progress: Callable[[float], None] | None = None) -> CheckReport:
+    """Check ``image``'s tables against its file; reads tables only, never writes.
+
+    ``progress`` is called now and then with the fraction of the L1 table walked.
+    """
+    report = _Checker(image, progress).run()
+    if progress is not None:
+        progress(1.0)
+    return report
 
 
 # -- qemu-img check's output ---------------------------------------------------------------

@@ -12,10 +12,11 @@ OS errors become :class:`ImageError` with the same errno, so callers deal in one
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import os
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, cast
 
 from qednbd.errors import ImageError
 
@@ -46,20 +47,25 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
-def _load_fallocate() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]  # private ctypes type
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    func = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
-    if func is None:
+@functools.cache
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate(2), loaded on the first hole punch (most processes never punch)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library already in the process
+        func = libc.fallocate64
+    except (OSError, AttributeError):
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     func.restype = ctypes.c_int
-    return func
+    return cast(Callable[[int, int, int, int], int], func)
 
 
-_fallocate = _load_fallocate()
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    func = _libc_fallocate()
+    if func is None:
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+    return func(fd, mode, offset, length)
 
 
 def _io_error(exc: OSError, what: str) -> ImageError:
@@ -80,7 +86,7 @@ class FileStorage:
             raise _io_error(exc, f"Could not open '{path}'") from exc
         self.path = path
         self._read_only = read_only
-        self._can_punch = _fallocate is not None
+        self._can_punch = True
 
     @property
     def read_only(self) -> bool:
@@ -119,7 +125,7 @@ class FileStorage:
             raise _io_error(exc, "flush failed") from exc
 
     def punch_hole(self, offset: int, length: int) -> bool:
-        if not self._can_punch or _fallocate is None or length <= 0:
+        if not self._can_punch or length <= 0:
             return False
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
         if _fallocate(self._fd, mode, offset, length) == 0:
