@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import logging
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,6 +92,10 @@ class RepairResult:
         )
 
 
+def _in_tables(cluster: int, tables: set[int], cluster_size: int, table_size: int) -> bool:
+    return any((cluster - k) * cluster_size in tables for k in range(table_size))
+
+
 def _write_changed_sectors(
     image: QedImage, table_offset: int, first: int, old: bytes, new: array[int]
 ) -> None:
@@ -119,61 +124,123 @@ class _Repairer:
 
     # -- phase 2: clear entries ----------------------------------------------------
 
-    def clear_phase(self) -> tuple[ClusterBitmap, array[int], array[int]]:
-        """Clear bad entries; return the referenced-cluster bitmap, kept tables, same-table splits."""
-        g, h = self.g, self.header
-        meta = ClusterBitmap(self.n_clusters, h.header_size)
-        meta.mark(h.l1_table_offset // g.cluster_size, g.table_size)
-        kept = array("Q")  # (l1 index, table offset) pairs, flattened
-        splits = array("Q")
-        seen: set[int] = set()
-        l1 = h.l1_table_offset
-        for first, n, offset in table_chunks(l1, g.table_entries):
+    def _valid_data(self, value: int) -> bool:
+        lowest = self.header.header_size * self.g.cluster_size
+        return value % self.g.cluster_size == 0 and lowest <= value < self.image.file_size
+
+    def _entries(self, table: int) -> Iterator[tuple[int, int, bytes, array[int]]]:
+        """(first index, byte offset, raw chunk, decoded chunk) of each bounded read of a table."""
+        for first, n, offset in table_chunks(table, self.g.table_entries):
             raw = self.storage.pread(n * ENTRY_BYTES, offset)
-            entries = decode_entries(raw)
-            for index, value in nonzero_entries(raw, first):
-                first_cluster = value // g.cluster_size
-                if not fmt.table_offset_valid(value, h, self.image.file_size):
-                    entries[index - first] = 0
-                    self.cleared += 1
-                elif value in seen:
-                    if self.mode == "all":
-                        splits.extend((index, value))
-                elif meta.any_marked(first_cluster, g.table_size):
-                    if self.mode == "all":
-                        entries[index - first] = 0
-                        self.cleared += 1
-                    else:
-                        kept.extend((index, value))  # keep walking what it references
+            yield first, offset, raw, decode_entries(raw)
+
+    def _plausible(self, table: int) -> bool:
+        """Whether every entry of a table could be an L2 entry (0, 1 or a valid offset)."""
+        return all(
+            v <= ZERO_CLUSTER or self._valid_data(v) for _, _, _, chunk in self._entries(table) for v in chunk
+        )
+
+    def clear_phase(self) -> tuple[ClusterBitmap, array[int], array[int]]:
+        """Clear bad entries; return the referenced-cluster bitmap, kept tables, same-table splits.
+
+        Conflicts are settled in table order, as QEMU's check counts them, with one
+        exception: when data entries point into a table whose own entries are not all
+        plausible, the table is the bogus one (it sits on guest data), not the entries.
+        """
+        g, h = self.g, self.header
+        cs, ts = g.cluster_size, g.table_size
+        all_mode = self.mode == "all"
+        meta = ClusterBitmap(self.n_clusters, h.header_size)
+        meta.mark(h.l1_table_offset // cs, ts)
+        candidates: list[tuple[int, int]] = []
+        splits = array("Q")  # (l1 index, table offset) pairs, flattened
+        untouchable: list[int] = []  # leaks mode: conflicting tables, read for marking only
+        clear_l1: list[int] = []
+        seen: set[int] = set()
+        for index, value in self._l1_entries():
+            if not fmt.table_offset_valid(value, h, self.image.file_size):
+                clear_l1.append(index)
+            elif value in seen:
+                if all_mode:
+                    splits.extend((index, value))
+            elif meta.any_marked(value // cs, ts):
+                if all_mode:
+                    clear_l1.append(index)
                 else:
-                    meta.mark(first_cluster, g.table_size)
-                    seen.add(value)
-                    kept.extend((index, value))
-            _write_changed_sectors(self.image, l1, first, raw, entries)
-        # Data clusters: first referrer (in table order) owns; metadata is never data.
+                    untouchable.append(value)
+            else:
+                meta.mark(value // cs, ts)
+                seen.add(value)
+                candidates.append((index, value))
+        # Tables that sit on clusters other tables use as data lose to the data.
+        implausible = {t for _, t in candidates if not self._plausible(t)}
+        dropped: set[int] = set()
+        if implausible:
+            starts = {t // cs: t for t in implausible}
+            for _, table in candidates:
+                if table in implausible:
+                    continue
+                for _, _, _, chunk in self._entries(table):
+                    for v in chunk:
+                        if v > ZERO_CLUSTER and self._valid_data(v):
+                            for k in range(ts):
+                                owner = starts.get(v // cs - k)
+                                if owner is not None:
+                                    dropped.add(owner)
+        kept = array("Q")
         used = ClusterBitmap(self.n_clusters, h.header_size)
-        used.bits[:] = meta.bits
-        lowest = h.header_size * g.cluster_size
-        for k in range(0, len(kept), 2):
-            table = kept[k + 1]
-            for first, n, offset in table_chunks(table, g.table_entries):
-                raw = self.storage.pread(n * ENTRY_BYTES, offset)
-                entries = decode_entries(raw)
-                for index, value in nonzero_entries(raw, first):
-                    if value == ZERO_CLUSTER:
+        used.mark(h.l1_table_offset // cs, ts)
+        for index, table in candidates:
+            if table in dropped:
+                if all_mode:
+                    clear_l1.append(index)
+                else:
+                    untouchable.append(table)
+                continue
+            used.mark(table // cs, ts)
+            kept.extend((index, table))
+        for _, table in candidates:
+            if table in dropped:
+                continue
+            for first, _, raw, entries in self._entries(table):
+                for i, value in enumerate(entries):
+                    if value <= ZERO_CLUSTER:
                         continue
-                    if value % g.cluster_size or not lowest <= value < self.image.file_size:
-                        entries[index - first] = 0
+                    if not self._valid_data(value):
+                        entries[i] = 0
                         self.cleared += 1
                         continue
-                    cluster = value // g.cluster_size
-                    if self.mode == "all" and meta.any_marked(cluster, 1):
-                        entries[index - first] = 0
-                        self.cleared += 1
+                    cluster = value // cs
+                    if meta.any_marked(cluster, 1) and not _in_tables(cluster, dropped, cs, ts):
+                        if all_mode:  # an entry into metadata: the guest would read a table
+                            entries[i] = 0
+                            self.cleared += 1
                         continue
                     used.mark(cluster, 1)
                 _write_changed_sectors(self.image, table, first, raw, entries)
+        for table in untouchable:  # never written; what they reference is not punched
+            used.mark(table // cs, ts)
+            for _, _, _, chunk in self._entries(table):
+                for v in chunk:
+                    if v > ZERO_CLUSTER and self._valid_data(v):
+                        used.mark(v // cs, 1)
+        self._clear_l1(sorted(clear_l1))
         return used, kept, splits
+
+    def _l1_entries(self) -> Iterator[tuple[int, int]]:
+        for first, n, offset in table_chunks(self.header.l1_table_offset, self.g.table_entries):
+            yield from nonzero_entries(self.storage.pread(n * ENTRY_BYTES, offset), first)
+
+    def _clear_l1(self, indices: list[int]) -> None:
+        l1 = self.header.l1_table_offset
+        pos = 0
+        for first, _, raw, entries in self._entries(l1):
+            end = first + len(entries)
+            while pos < len(indices) and indices[pos] < end:
+                entries[indices[pos] - first] = 0
+                self.cleared += 1
+                pos += 1
+            _write_changed_sectors(self.image, l1, first, raw, entries)
 
     # -- phase 3: truncate the leaked tail -------------------------------------------
 
@@ -184,7 +251,7 @@ class _Repairer:
         length = self.storage.length()
         self.end_clusters = min(self.n_clusters, new_clusters)
         if length > new_clusters * cs:
-            self.truncated = self.n_clusters - new_clusters
+            self.truncated = -(-length // cs) - new_clusters  # a partial cluster counts as one
             self.storage.truncate(new_clusters * cs)
             self.image.file_size = new_clusters * cs
             self.storage.flush()
@@ -257,6 +324,8 @@ def repair(image: QedImage, mode: Mode = "all") -> RepairResult:
     if image.read_only:
         raise ImageError(errno.EROFS, "cannot repair an image opened read-only")
     before = check(image)
+    if before.check_errors:  # tables we cannot read: repairing around them could lose data
+        return RepairResult(before, before, 0, 0, 0, 0, 0)
     image.set_need_check()  # phase 1
     worker = _Repairer(image, mode)
     used, kept, splits = worker.clear_phase()
