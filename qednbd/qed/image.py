@@ -569,8 +569,8 @@ class QedImage:
             backing_filename_size=len(raw_name),
         )
         self.storage.pwrite(new.encode() + raw_name, 0)
+        self.header = new  # the file has it now, durable or not: later header writes keep it
         self.storage.flush()
-        self.header = new
         if self._backing is not None:
             self._backing.close()
             self._backing = None

@@ -87,6 +87,7 @@ class FileStorage:
         self.path = path
         self._read_only = read_only
         self._can_punch = True
+        self._flush_failed = False
 
     @property
     def read_only(self) -> bool:
@@ -119,9 +120,18 @@ class FileStorage:
             raise _io_error(exc, "write failed") from exc
 
     def flush(self) -> None:
+        """fdatasync; once it has failed, every later flush fails too.
+
+        After a failed fdatasync Linux may mark the unwritten pages clean, so a second
+        fdatasync would "succeed" for data that never reached the disk (QEMU's file
+        driver refuses later flushes for the same reason).
+        """
+        if self._flush_failed:
+            raise ImageError(errno.EIO, "flush failed earlier; data written since may be lost")
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
+            self._flush_failed = True
             raise _io_error(exc, "flush failed") from exc
 
     def punch_hole(self, offset: int, length: int) -> bool:

@@ -13,11 +13,13 @@ L1 (rounded up to whole sectors, so sector rewrites reproduce what is on disk) i
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from qednbd.errors import ImageError
 from qednbd.qed.geometry import ENTRY_BYTES
 from qednbd.qed.storage import Storage
 
@@ -78,7 +80,14 @@ class L1Table:
         lo, hi = _sector_span(index, 1)
         sector = self.entries[lo:hi]
         sector[index - lo] = value
-        self.storage.pwrite(encode_entries(sector), self.offset + lo * ENTRY_BYTES)
+        try:
+            self.storage.pwrite(encode_entries(sector), self.offset + lo * ENTRY_BYTES)
+        except BaseException:
+            # A short write may have changed part of the sector: believe the file.
+            with contextlib.suppress(ImageError):
+                on_disk = self.storage.pread((hi - lo) * ENTRY_BYTES, self.offset + lo * ENTRY_BYTES)
+                self.entries[lo:hi] = decode_entries(on_disk)
+            raise
         self.entries[index] = value
 
     def reload(self) -> None:
@@ -126,10 +135,15 @@ class L2Cache:
             lo, hi = _sector_span(within, n)
             sectors = page[lo:hi]
             sectors[within - lo : within - lo + n] = array("Q", values[done : done + n])
-            self.storage.pwrite(
-                encode_entries(sectors),
-                table_offset + page_no * self.page_bytes + lo * ENTRY_BYTES,
-            )
+            try:
+                self.storage.pwrite(
+                    encode_entries(sectors),
+                    table_offset + page_no * self.page_bytes + lo * ENTRY_BYTES,
+                )
+            except BaseException:
+                # A short write may have changed some sectors: the next lookup rereads the file.
+                self._pages.pop((table_offset, page_no), None)
+                raise
             page[lo:hi] = sectors  # only after the write succeeded (see L1Table.set)
             done += n
 
