@@ -6,6 +6,7 @@ pytest's ``pythonpath``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -79,3 +80,45 @@ def read_features(path: StrPath) -> int:
     if len(raw) != 8:
         raise ValueError(f"{os.fspath(path)}: too short for a QED header")
     return int.from_bytes(raw, "little")
+
+
+# -- layer specs for tests/interop/conftest.py's make_layers -------------------------
+
+
+def qed_layer(name: str, size: str, *ops: str, cs: str | None = None, ts: int | None = None, **kw: object):
+    spec: dict[str, object] = {"name": name, "fmt": "qed", "size": size, "ops": list(ops), **kw}
+    if cs:
+        spec["cluster_size"] = cs
+    if ts:
+        spec["table_size"] = ts
+    return spec
+
+
+def raw_layer(name: str, size: str, *ops: str) -> dict[str, object]:
+    return {"name": name, "fmt": "raw", "size": size, "ops": list(ops)}
+
+
+def digest(path: StrPath) -> str:
+    """A hash of the file's length and of every data extent (holes read as zeros, so a
+    sparse file of any size hashes in time proportional to its data)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        h.update(size.to_bytes(8, "little"))
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            h.update(start.to_bytes(8, "little"))
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                block = f.read(min(left, 1 << 20))
+                h.update(block)
+                left -= len(block)
+            pos = end
+    return h.hexdigest()

@@ -15,7 +15,6 @@ The images here are built byte by byte (no QEMU tools), so every offset is known
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import resource
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, digest
 
 from qednbd.errors import ImageError, InvalidImage, UnsupportedFeature
 from qednbd.qed.image import QedImage
@@ -165,32 +164,6 @@ BAD_L1_ENTRIES: dict[str, Callable[[], Layout]] = {
     "l2-in-header": lambda: two_regions(0x10000, header_size=2),
     "l2-all-ones": lambda: two_regions(2**64 - 1),
 }
-
-
-def digest(path: Path) -> str:
-    """A hash of the file's length and of every data extent (holes read as zeros, so a
-    sparse file of any size hashes in time proportional to its data)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        h.update(size.to_bytes(8, "little"))
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            h.update(start.to_bytes(8, "little"))
-            f.seek(start)
-            left = end - start
-            while left > 0:
-                block = f.read(min(left, 1 << 20))
-                h.update(block)
-                left -= len(block)
-            pos = end
-    return h.hexdigest()
 
 
 def open_fds() -> int:

@@ -13,8 +13,6 @@ For each case ``qemu-img info -f qed`` is the oracle:
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import shutil
 import struct
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import qednbd, qemu_img, qemu_io
+from helpers import digest, qednbd, qemu_img, qemu_io
 
 from qednbd.qed.image import QedImage
 
@@ -278,32 +276,6 @@ def make_case_image(case: Case, path: Path) -> None:
     if case.backing_file:
         with open(path.parent / "base.raw", "wb") as f:
             f.truncate(MiB)
-
-
-def digest(path: Path) -> str:
-    """A hash of the file's length and of every data extent (holes read as zeros, so a
-    sparse file of any size hashes in time proportional to its data)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        h.update(size.to_bytes(8, "little"))
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            h.update(start.to_bytes(8, "little"))
-            f.seek(start)
-            left = end - start
-            while left > 0:
-                block = f.read(min(left, 1 << 20))
-                h.update(block)
-                left -= len(block)
-            pos = end
-    return h.hexdigest()
 
 
 def qemu_reason(path: Path) -> str | None:

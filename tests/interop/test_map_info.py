@@ -11,26 +11,15 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import qed_layer as qed
 from helpers import qednbd, qemu_img, qemu_io, read_features
+from helpers import raw_layer as raw
 
 from qednbd.qed.image import QedImage, create_image
 
 pytestmark = pytest.mark.interop
 
 K, M = 1 << 10, 1 << 20
-
-
-def qed(name: str, size: str, *ops: str, cs: str | None = None, ts: int | None = None, **kw: object):
-    spec: dict[str, object] = {"name": name, "fmt": "qed", "size": size, "ops": list(ops), **kw}
-    if cs:
-        spec["cluster_size"] = cs
-    if ts:
-        spec["table_size"] = ts
-    return spec
-
-
-def raw(name: str, size: str, *ops: str) -> dict[str, object]:
-    return {"name": name, "fmt": "raw", "size": size, "ops": list(ops)}
 
 
 MAP_CASES: dict[str, list[dict[str, object]]] = {
