@@ -10,6 +10,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +28,20 @@ def run(
     input: str | None = None,
     timeout: float = 60,
     env: dict[str, str] | None = None,
+    cwd: StrPath | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` capturing text stdout/stderr; with ``check``, fail showing both."""
     proc = subprocess.run(
-        cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        cmd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        preexec_fn=preexec_fn,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise CommandFailed(
@@ -59,16 +70,24 @@ def qemu_io(
     return run(cmd, check=check, timeout=timeout)
 
 
-def qednbd(*args: StrPath, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def qednbd(
+    *args: StrPath | int,
+    input: str | None = None,
+    timeout: float = 60,
+    cwd: StrPath | None = None,
+    preexec_fn: Callable[[], object] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """``python -m qednbd ARGS...`` from this checkout; never raises on exit status."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return run(
-        [sys.executable, "-m", "qednbd", *(os.fspath(a) for a in args)],
+        [sys.executable, "-m", "qednbd", *(str(a) if isinstance(a, int) else os.fspath(a) for a in args)],
         check=False,
         input=input,
         timeout=timeout,
         env=env,
+        cwd=cwd,
+        preexec_fn=preexec_fn,
     )
 
 

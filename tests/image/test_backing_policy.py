@@ -19,11 +19,10 @@ import json
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, qemu_img, read_features
+from helpers import qednbd, qemu_img, read_features
 
 from qednbd.errors import ImageError, InvalidImage
 from qednbd.qed.backing import MAX_CHAIN_DEPTH
@@ -47,19 +46,9 @@ REFUSED_NAMES = {
 NUL_NAMES = {"nul-inside": "a\0b", "nul-trailing": "base.raw\0"}
 
 
-def qednbd_in(cwd: Path, *args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def qednbd_in(cwd: Path, *args: str | Path | int, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``python -m qednbd ARGS`` run from ``cwd``."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "qednbd", *(os.fspath(a) if isinstance(a, Path) else str(a) for a in args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    return qednbd(*args, timeout=timeout, cwd=cwd)
 
 
 def assert_one_line_failure(proc: subprocess.CompletedProcess[str], subject: object) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, digest
+from helpers import digest, qednbd
 
 from qednbd.errors import ImageError, InvalidImage, UnsupportedFeature
 from qednbd.qed.image import QedImage
@@ -177,23 +177,14 @@ def _limit_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
 
 
-def qednbd_bounded(*args: object, timeout: float = BOUNDED_TIMEOUT) -> subprocess.CompletedProcess[str]:
+def qednbd_bounded(
+    *args: str | Path | int, timeout: float = BOUNDED_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     """``python -m qednbd ARGS`` with a 512 MiB address-space limit; fails the test on timeout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "qednbd", *(os.fspath(a) if isinstance(a, Path) else str(a) for a in args)]
     try:
-        return subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            preexec_fn=_limit_address_space,
-            check=False,
-        )
+        return qednbd(*args, timeout=timeout, preexec_fn=_limit_address_space)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"did not finish within {timeout} s: {' '.join(cmd)}")
+        pytest.fail(f"did not finish within {timeout} s: qednbd {' '.join(map(str, args))}")
 
 
 def test_address_space_limit_is_in_force():
