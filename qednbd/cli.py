@@ -83,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="format", choices=["qed"], default="qed")
     p.add_argument("filename")
 
-    p = sub.add_parser("check", help="check an image's tables for corruption and leaks (reads only)")
+    p = sub.add_parser("check", help="check an image's tables for corruption and leaks (-r repairs)")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed")
     p.add_argument(

@@ -95,10 +95,6 @@ class Header:
         return replace(self, features=features)
 
     @property
-    def has_backing_file(self) -> bool:
-        return bool(self.features & F_BACKING_FILE) and self.backing_filename_size > 0
-
-    @property
     def need_check(self) -> bool:
         return bool(self.features & F_NEED_CHECK)
 
