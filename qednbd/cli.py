@@ -119,6 +119,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-F", dest="backing_format", choices=["raw", "qed"])
     p.add_argument("-f", dest="format", choices=["qed"], default="qed")
     p.add_argument("filename")
+
+    p = sub.add_parser(
+        "serve",
+        help="serve QED images over NBD",
+        description="Serve QED images over NBD (foreground; SIGTERM/SIGINT stop it cleanly). "
+        "A single FILE is also the default export (empty name).",
+    )
+    p.add_argument("-b", "--bind", dest="bind", help="address to listen on (default 127.0.0.1; IPv6 works)")
+    p.add_argument("-p", "--port", dest="port", type=int, help="TCP port (default 10809; 0 picks a free one)")
+    p.add_argument("-k", "--socket", dest="socket_path", help="serve on this Unix socket instead of TCP")
+    p.add_argument("-x", "--export-name", dest="name", help="export name (default: the file's name)")
+    p.add_argument("-D", "--description", dest="description", help="export description")
+    p.add_argument("-r", "--read-only", dest="read_only", action="store_true", help="export read-only")
+    p.add_argument("-e", "--shared", dest="max_clients", type=int, help="most clients at once (0: no limit)")
+    p.add_argument("--config", dest="config_file", help="TOML file with several exports (see docs/serve.md)")
+    p.add_argument("--pid-file", dest="pid_file", help="write the process id here once listening")
+    p.add_argument("files", nargs="*", metavar="FILE")
     return parser
 
 
@@ -319,6 +336,33 @@ def cmd_rebase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from qednbd import config as cfg
+    from qednbd import serve
+
+    logging.basicConfig(format="qednbd: %(message)s", level=logging.INFO, stream=sys.stderr)
+    conf = cfg.build(
+        cfg.CommandLine(
+            files=args.files,
+            bind=args.bind,
+            port=args.port,
+            socket_path=args.socket_path,
+            name=args.name,
+            description=args.description,
+            read_only=args.read_only,
+            max_clients=args.max_clients,
+            config_file=args.config_file,
+            pid_file=args.pid_file,
+        )
+    )
+    fds = serve.inherited_fds(os.environ)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not for our children
+    return serve.serve(conf, fds)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "create": cmd_create,
     "info": cmd_info,
@@ -327,6 +371,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": cmd_convert,
     "resize": cmd_resize,
     "rebase": cmd_rebase,
+    "serve": cmd_serve,
 }
 
 

@@ -364,7 +364,7 @@ class ServerHandshake:
         self._option = 0
         self._option_length = 0
         self._options_seen = 0
-        self._shutting_down = False
+        self._refusal: tuple[OptionReply, str] | None = None
         self._structured = False
         self._extended = False
         self._meta_export: str | None = None  # canonical export the last SET_META_CONTEXT named
@@ -402,7 +402,12 @@ class ServerHandshake:
 
     def begin_shutdown(self) -> None:
         """From now on answer every option except ABORT with NBD_REP_ERR_SHUTDOWN (spec SHOULD)."""
-        self._shutting_down = True
+        self._refusal = (OptionReply.ERR_SHUTDOWN, "server is shutting down")
+
+    def refuse(self, message: str) -> None:
+        """Serve nothing on this connection: every option but ABORT gets NBD_REP_ERR_POLICY with
+        ``message`` (e.g. the client limit), so the client learns why; EXPORT_NAME closes."""
+        self._refusal = (OptionReply.ERR_POLICY, message)
 
     def next_event(self) -> HandshakeEvent:
         """Process buffered input; return :data:`NEED_DATA` or a terminal event."""
@@ -476,10 +481,11 @@ class ServerHandshake:
         self._reply(option, reply, encode_message(message))
 
     def _dispatch(self, option: int, data: bytes) -> _OptionResult:
-        if self._shutting_down and option != Option.ABORT:
+        if self._refusal is not None and option != Option.ABORT:
+            reply, message = self._refusal
             if option == Option.EXPORT_NAME:
-                return self._close("EXPORT_NAME while the server is shutting down")
-            self._error(option, OptionReply.ERR_SHUTDOWN, "server is shutting down")
+                return self._close(f"EXPORT_NAME refused: {message}")
+            self._error(option, reply, message)
             return None
         handler = _HANDLERS.get(option)
         if handler is None:

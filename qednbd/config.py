@@ -1,0 +1,185 @@
+"""The server's configuration: command-line flags and an optional TOML file, frozen.
+
+A TOML file (``--config``) looks like this; every key is optional except ``file``::
+
+    bind = "127.0.0.1"          # ignored when socket is set
+    port = 10809
+    socket = "/run/qednbd.sock"  # serve a Unix socket instead of TCP
+    max-clients = 16             # 0 = no limit
+    default = "disk"             # the export the empty name selects
+
+    [exports.disk]
+    file = "disk.qed"            # relative paths are relative to the config file
+    read-only = false
+    description = "the demo disk"
+
+Command-line flags win over the file's server keys; FILE arguments add exports. Unknown keys
+are errors (a typo must not silently serve something else). With exactly one export, it is
+also the default export.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from qednbd.errors import ConfigError
+
+DEFAULT_BIND: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 10809  # the IANA port for NBD
+_SERVER_KEYS: Final = frozenset({"bind", "port", "socket", "max-clients", "default", "exports"})
+_EXPORT_KEYS: Final = frozenset({"file", "read-only", "description"})
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    name: str
+    path: str
+    read_only: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    exports: tuple[ExportConfig, ...]
+    default_export: str | None  # the name "" selects, or None: "" is unknown
+    bind: str = DEFAULT_BIND
+    port: int = DEFAULT_PORT
+    socket_path: str | None = None  # a Unix socket instead of TCP
+    max_clients: int = 0  # 0 = no limit
+    pid_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLine:
+    """What ``qednbd serve`` was given; None means "not given" so the file's value applies."""
+
+    files: Sequence[str] = ()
+    bind: str | None = None
+    port: int | None = None
+    socket_path: str | None = None
+    name: str | None = None
+    description: str | None = None
+    read_only: bool = False
+    max_clients: int | None = None
+    config_file: str | None = None
+    pid_file: str | None = None
+
+
+def _typed(table: Mapping[str, object], key: str, kind: type, where: str) -> object:
+    value = table[key]
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"{where}: '{key}' must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def _str(table: Mapping[str, object], key: str, where: str) -> str | None:
+    return str(_typed(table, key, str, where)) if key in table else None
+
+
+def _int(table: Mapping[str, object], key: str, where: str) -> int | None:
+    value = _typed(table, key, int, where) if key in table else None
+    return value if isinstance(value, int) else None
+
+
+def _bool(table: Mapping[str, object], key: str, where: str) -> bool:
+    return bool(_typed(table, key, bool, where)) if key in table else False
+
+
+def _load_file(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _file_exports(path: str, data: Mapping[str, object]) -> list[ExportConfig]:
+    tables = data.get("exports", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: 'exports' must be a table of tables ([exports.NAME])")
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for name, table in tables.items():
+        where = f"{path}: [exports.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = sorted(set(table) - _EXPORT_KEYS)
+        if unknown:
+            known = ", ".join(sorted(_EXPORT_KEYS))
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {known})")
+        if "file" not in table:
+            raise ConfigError(f"{where}: 'file' is required")
+        file = str(_typed(table, "file", str, where))
+        out.append(
+            ExportConfig(
+                name=name,
+                path=os.path.join(base, file),
+                read_only=_bool(table, "read-only", where),
+                description=_str(table, "description", where) or "",
+            )
+        )
+    return out
+
+
+def build(cmd: CommandLine) -> ServerConfig:
+    """Merge the flags and the optional file into one checked :class:`ServerConfig`."""
+    data: dict[str, object] = {}
+    exports: list[ExportConfig] = []
+    if cmd.config_file is not None:
+        data = _load_file(cmd.config_file)
+        unknown = sorted(set(data) - _SERVER_KEYS)
+        if unknown:
+            raise ConfigError(f"{cmd.config_file}: unknown key {unknown[0]!r}")
+        exports = _file_exports(cmd.config_file, data)
+    if (cmd.name is not None or cmd.description is not None) and len(cmd.files) != 1:
+        raise ConfigError("-x and -D apply to exactly one FILE")
+    for file in cmd.files:
+        exports.append(
+            ExportConfig(
+                name=cmd.name if cmd.name is not None else os.path.basename(file),
+                path=file,
+                read_only=cmd.read_only,
+                description=cmd.description or "",
+            )
+        )
+    if cmd.read_only:
+        exports = [ExportConfig(e.name, e.path, True, e.description) for e in exports]
+    if not exports:
+        raise ConfigError("nothing to serve: give an image FILE or a --config file with [exports.NAME]")
+    names = [e.name for e in exports]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two exports are called {name!r} (use -x or the config file to rename one)")
+    where = cmd.config_file or "config"
+    default: str | None = None
+    if "default" in data:
+        default = _str(data, "default", where)
+        if default not in names:
+            raise ConfigError(f"{where}: default export {default!r} is not among the exports")
+    elif len(exports) == 1:
+        default = exports[0].name
+    port = cmd.port if cmd.port is not None else _int(data, "port", where)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is not in 0..65535")
+    max_clients = cmd.max_clients if cmd.max_clients is not None else _int(data, "max-clients", where) or 0
+    if max_clients < 0:
+        raise ConfigError(f"max clients {max_clients} is negative")
+    socket_path = cmd.socket_path
+    if socket_path is None and "socket" in data and cmd.port is None and cmd.bind is None:
+        socket_path = _str(data, "socket", where)
+    bind = cmd.bind if cmd.bind is not None else _str(data, "bind", where)
+    return ServerConfig(
+        exports=tuple(exports),
+        default_export=default,
+        bind=bind if bind is not None else DEFAULT_BIND,
+        port=port if port is not None else DEFAULT_PORT,
+        socket_path=socket_path,
+        max_clients=max_clients,
+        pid_file=cmd.pid_file,
+    )

@@ -1,0 +1,217 @@
+"""One QED image behind an NBD export name: where the protocol meets the image.
+
+Theory of operation
+-------------------
+* :class:`Export` owns an open :class:`~qednbd.qed.image.QedImage` and says what the handshake
+  advertises about it (:meth:`Export.info`). :meth:`Export.handle` turns one *valid* request
+  (:class:`~qednbd.nbd.transmission.Request` with ``error == 0``) into reply buffers for the
+  connection's :class:`~qednbd.nbd.transmission.ReplyEncoder`. It runs on the server's event-loop
+  thread and calls the image synchronously: the image is not thread-safe, and doing every image
+  call on one thread is what serializes allocation across connections (multi-conn is honest
+  because every connection shares this one image object and its tables).
+* The one slow call is fdatasync. ``handle`` never makes it: a reply that must wait for stable
+  storage (FLUSH, and any request with FUA) comes back with ``flush_first=True``, and the server
+  runs :meth:`Export.flush` off the loop before sending it. A FLUSH therefore covers every write
+  whose reply was sent before it, on any connection: those writes were already in the file.
+* Errors: every failure of the image is an :class:`~qednbd.errors.ImageError` (or an ``OSError``)
+  carrying a host errno; :func:`nbd_errno` is the one place that maps it to the NBD set. An
+  unexpected exception is the server's to log and answer with EIO.
+* READ with structured replies sends one chunk per homogeneous run of the top image: data as
+  OFFSET_DATA, zero clusters and unallocated ranges with nothing below them as OFFSET_HOLE. With
+  DF the whole range is one chunk. BLOCK_STATUS maps the backing chain (:mod:`qednbd.qed.mapping`):
+  ``base:allocation`` is 0 for data and HOLE|ZERO for everything else, as qemu-nbd reports QED;
+  ``qemu:allocation-depth`` is the layer (1 = this image) or 0 where no layer has the range.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Final
+
+from qednbd.errors import ImageError
+from qednbd.nbd.constants import (
+    BASE_ALLOCATION,
+    QEMU_ALLOCATION_DEPTH,
+    U32_MAX,
+    Command,
+    CommandFlag,
+    Errno,
+)
+from qednbd.nbd.handshake import DEFAULT_EXPORT_FLAGS, ExportInfo, MetaContext
+from qednbd.nbd.transmission import Buffer, ReplyEncoder, ReplyMode, Request
+from qednbd.qed.image import Kind, QedImage
+from qednbd.qed.mapping import map_image
+
+# One BLOCK_STATUS reply describes at most this much of the export: the client's length is a hint,
+# and walking more tables than this in one go would hold up every other request on the loop.
+MAX_BLOCK_STATUS_BYTES: Final = 1 << 30
+# Extents per BLOCK_STATUS chunk (the spec asks for at most 2^20).
+MAX_EXTENTS: Final = 1 << 16
+
+STATE_HOLE: Final = 1
+STATE_ZERO: Final = 2
+
+_ERRNO_MAP: Final = {
+    errno.EPERM: Errno.EPERM,
+    errno.EROFS: Errno.EPERM,
+    errno.EACCES: Errno.EPERM,
+    errno.EIO: Errno.EIO,
+    errno.ENOMEM: Errno.ENOMEM,
+    errno.EINVAL: Errno.EINVAL,
+    errno.ENOSPC: Errno.ENOSPC,
+    errno.EDQUOT: Errno.ENOSPC,
+    errno.EFBIG: Errno.ENOSPC,
+    errno.EOVERFLOW: Errno.EOVERFLOW,
+    errno.ENOTSUP: Errno.ENOTSUP,
+    errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error for a failure: the host errno mapped onto the protocol's set, else EIO."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return int(_ERRNO_MAP.get(code, Errno.EIO))
+    return int(Errno.EIO)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Buffers to send for one request; ``flush_first``: only after :meth:`Export.flush` succeeds."""
+
+    buffers: list[Buffer]
+    flush_first: bool = False
+
+
+class Export:
+    """An open image served under ``name``. See the module docstring."""
+
+    def __init__(self, name: str, image: QedImage, *, description: str = "", read_only: bool = False) -> None:
+        self.name = name
+        self.image = image
+        self.read_only = read_only or image.read_only
+        self._info = ExportInfo(
+            name=name,
+            size=image.size,
+            read_only=self.read_only,
+            description=description,
+            flags=DEFAULT_EXPORT_FLAGS,
+        )
+
+    @property
+    def info(self) -> ExportInfo:
+        return self._info
+
+    # --- the server's interface ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every completed write durable (thread-safe: only fdatasync on the image's fd)."""
+        self.image.flush()
+
+    def poll_idle(self) -> bool:
+        """Clear the dirty bit after an idle period (see :meth:`QedImage.poll_idle`)."""
+        return False if self.read_only else self.image.poll_idle()
+
+    def close(self) -> None:
+        self.image.close()
+
+    def error_reply(self, request: Request, replies: ReplyEncoder, exc: BaseException) -> Reply:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        return Reply([replies.error(request, nbd_errno(exc), message)])
+
+    def handle(self, request: Request, replies: ReplyEncoder, contexts: tuple[MetaContext, ...]) -> Reply:
+        """Carry out one valid request; failures of the image become error replies."""
+        try:
+            return self._dispatch(request, replies, contexts)
+        except (ImageError, OSError) as exc:
+            return self.error_reply(request, replies, exc)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def _dispatch(self, request: Request, replies: ReplyEncoder, contexts: tuple[MetaContext, ...]) -> Reply:
+        command = request.command
+        image = self.image
+        if command == Command.READ:
+            return Reply(self._read(request, replies))
+        if command == Command.WRITE:
+            assert request.payload is not None  # the framing layer attaches it to every valid WRITE
+            image.write(request.offset, request.payload)
+        elif command == Command.FLUSH:
+            return Reply([replies.ok(request)], flush_first=not self.read_only)
+        elif command == Command.TRIM:
+            image.trim(request.offset, request.length)
+        elif command == Command.WRITE_ZEROES:
+            if request.flags & CommandFlag.FAST_ZERO and not self._zeroes_are_fast(request):
+                return Reply([replies.error(request, Errno.ENOTSUP, "zeroing this range needs data writes")])
+            image.write_zeroes(request.offset, request.length)
+        elif command == Command.CACHE:
+            pass  # a hint; the tables it would warm are read on demand anyway
+        elif command == Command.BLOCK_STATUS:
+            return Reply([self._block_status(request, replies, contexts)])
+        else:  # the framing layer only passes commands it validated
+            return Reply([replies.error(request, Errno.EINVAL, f"command {command} is not supported")])
+        return Reply([replies.ok(request)], flush_first=request.fua and not self.read_only)
+
+    def _zeroes_are_fast(self, request: Request) -> bool:
+        """FAST_ZERO: only whole unallocated or zero clusters (entries, no data writes)."""
+        cs = self.image.cluster_size
+        if request.offset % cs or request.length % cs:
+            return False
+        return all(e.kind != Kind.DATA for e in self.image.block_status(request.offset, request.length))
+
+    def _read(self, request: Request, replies: ReplyEncoder) -> list[Buffer]:
+        image = self.image
+        pos, length = request.offset, request.length
+        if replies.mode is ReplyMode.SIMPLE:
+            return replies.read_data(request, pos, image.read(pos, length), done=True)
+        chunks: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
+        backing = image.backing
+        for ext in image.block_status(pos, length):
+            hole = ext.kind == Kind.ZERO or (
+                ext.kind == Kind.UNALLOCATED and (backing is None or ext.offset >= backing.size)
+            )
+            if chunks and chunks[-1][2] == hole:
+                start, n, _ = chunks[-1]
+                chunks[-1] = (start, n + ext.length, hole)
+            else:
+                chunks.append((ext.offset, ext.length, hole))
+        if request.flags & CommandFlag.DF and len(chunks) > 1:
+            data = image.read(pos, length)
+            return [*replies.read_data(request, pos, data, done=False), replies.done(request)]
+        out: list[Buffer] = []
+        last = len(chunks) - 1
+        for i, (start, n, hole) in enumerate(chunks):
+            if hole:
+                out.append(replies.read_hole(request, start, n, done=i == last))
+            else:
+                out.extend(replies.read_data(request, start, image.read(start, n), done=i == last))
+        return out
+
+    def _block_status(
+        self, request: Request, replies: ReplyEncoder, contexts: tuple[MetaContext, ...]
+    ) -> bytes:
+        image = self.image
+        limit = U32_MAX if replies.mode is not ReplyMode.EXTENDED else MAX_BLOCK_STATUS_BYTES
+        length = min(request.length, MAX_BLOCK_STATUS_BYTES, limit)
+        extents = map_image(image, request.offset, length)
+        out: list[bytes] = []
+        for i, context in enumerate(contexts):
+            pairs: list[tuple[int, int]] = []
+            for ext in extents:
+                if context.name == BASE_ALLOCATION:
+                    status = 0 if ext.data else STATE_HOLE | STATE_ZERO
+                elif context.name == QEMU_ALLOCATION_DEPTH:
+                    status = ext.depth + 1 if ext.present else 0
+                else:
+                    status = 0
+                if pairs and pairs[-1][1] == status:
+                    pairs[-1] = (pairs[-1][0] + ext.length, status)
+                elif len(pairs) < MAX_EXTENTS:
+                    pairs.append((ext.length, status))
+                else:
+                    break
+            if request.flags & CommandFlag.REQ_ONE:
+                pairs = [(min(pairs[0][0], request.length), pairs[0][1])]
+            out.append(replies.block_status(request, context.id, pairs, done=i == len(contexts) - 1))
+        return b"".join(out)

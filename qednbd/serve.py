@@ -1,0 +1,88 @@
+"""``qednbd serve``: open (and if need be repair) every image, then hand them to the server.
+
+Order matters: every image is opened before anything listens. A read-write open of a dirty
+image checks and repairs it (:func:`qednbd.qed.repair.recover_on_open`, which logs the outcome);
+an image that cannot be made safe ends the start-up with its reason, and the images opened so
+far are closed again, so there is never a half-started server. A read-only export opens its
+image read-only and serves a dirty image as it is (a read-only open never writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+from qednbd import server
+from qednbd.config import ServerConfig
+from qednbd.errors import ConfigError, QednbdError
+from qednbd.export import Export
+from qednbd.qed.image import QedImage
+
+log = logging.getLogger("qednbd.serve")
+
+
+def inherited_fds(environ: Mapping[str, str]) -> list[int]:
+    """Listening sockets passed by systemd socket activation, if they are meant for us."""
+    return server.systemd_listen_fds(dict(environ), os.getpid())
+
+
+def open_exports(conf: ServerConfig) -> server.ExportSet:
+    seen: dict[str, bool] = {}
+    opened: list[Export] = []
+    try:
+        for ec in conf.exports:
+            real = os.path.realpath(ec.path)
+            if real in seen and not (seen[real] and ec.read_only):
+                raise ConfigError(f"{ec.path} is exported twice and at least once writable")
+            seen[real] = ec.read_only
+            try:
+                image = QedImage.open(ec.path, read_only=ec.read_only)
+            except QednbdError as exc:
+                raise _named(ec.path, exc) from None
+            except OSError as exc:
+                raise ConfigError(f"{ec.path}: {exc.strerror or exc}") from None
+            if image.opened_dirty and ec.read_only:
+                log.warning("%s was not closed cleanly; served read-only without repair", ec.path)
+            opened.append(Export(ec.name, image, description=ec.description, read_only=ec.read_only))
+    except BaseException:
+        for export in opened:
+            export.close()
+        raise
+    return server.ExportSet(opened, conf.default_export)
+
+
+def _named(path: str, exc: QednbdError) -> ConfigError:
+    return ConfigError(f"{path}: {exc}")
+
+
+def serve(conf: ServerConfig, fds: Sequence[int]) -> int:
+    exports = open_exports(conf)
+
+    def ready(uris: list[str]) -> None:
+        for uri in uris:
+            log.info("listening on %s", uri)
+        for export in exports.exports.values():
+            mode = "read-only" if export.read_only else "read-write"
+            default = " (default export)" if export.name == conf.default_export else ""
+            path, size = export.image.path, export.info.size
+            log.info("export %r: %s, %d bytes, %s%s", export.name, path, size, mode, default)
+        if conf.pid_file:
+            with open(conf.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+    try:
+        return server.serve_forever(
+            exports,
+            bind=conf.bind,
+            port=conf.port,
+            socket_path=conf.socket_path,
+            max_clients=conf.max_clients,
+            inherited_fds=fds,
+            on_ready=ready,
+        )
+    finally:
+        if conf.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(conf.pid_file)

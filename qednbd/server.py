@@ -1,0 +1,498 @@
+"""The NBD server: asyncio listeners, connections, shutdown.
+
+Theory of operation
+-------------------
+* One process, one event loop. Each accepted socket gets a :class:`Connection` (an
+  ``asyncio.Protocol``) that feeds what it reads to the sans-I/O machines — first
+  :class:`~qednbd.nbd.handshake.ServerHandshake`, then :class:`~qednbd.nbd.transmission.Transmission`
+  — and parses every request a received chunk completes before it returns to the loop.
+* Requests are answered by :meth:`qednbd.export.Export.handle` inline, on the loop thread, in
+  arrival order; the image is touched by that one thread only. Replies that need stable storage
+  (FLUSH, FUA) wait for :meth:`Export.flush` in a small thread pool, so other requests — on this
+  connection and on others — go on meanwhile and their replies overtake (NBD allows any order).
+* Bounds: a handshake must finish within :data:`HANDSHAKE_TIMEOUT_SECONDS`; at most
+  :data:`MAX_WAITING_REPLIES` replies may wait for a flush per connection, and reading stops while
+  the transport's send buffer is full (a client that does not read its replies stops being read).
+  ``max_clients`` connections are served; the next one is answered NBD_REP_ERR_POLICY on every
+  option (the client learns why) and the others go on.
+* A framing error (bad magic, absurd payload) closes only that connection. An unexpected
+  exception while serving a request is logged with its traceback and answered EIO.
+* Dirty bit: every :data:`IDLE_POLL_SECONDS` each writable export's image may clear NEED_CHECK
+  once it has seen no allocating write for 5 s (:meth:`QedImage.poll_idle`).
+* Shutdown (SIGTERM/SIGINT, :meth:`Server.shutdown`): close the listeners, refuse options on
+  connections still negotiating, stop reading on the others, let their waiting replies go out,
+  close them; then flush and close every image (which clears the dirty bit).
+* Listeners: TCP (IPv4 or IPv6), a Unix socket, or the sockets systemd passes
+  (``LISTEN_FDS``/``LISTEN_PID``, fds from 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
+
+from qednbd.export import Export
+from qednbd.nbd.constants import Command, Errno
+from qednbd.nbd.handshake import (
+    NEED_DATA,
+    Closed,
+    ExportInfo,
+    MetaContext,
+    Ready,
+    ServerHandshake,
+    StaticCatalog,
+)
+from qednbd.nbd.transmission import EndOfStream, ProtocolViolation, Request, Transmission, command_name
+
+log = logging.getLogger("qednbd.server")
+
+# A client that has not chosen an export by then is gone or hostile (qemu-nbd uses 10 s too).
+HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
+# Replies held back until a flush completes, per connection, before we stop reading requests.
+MAX_WAITING_REPLIES: Final = 64
+# fdatasync calls that may run at once (they release the GIL; more would only queue in the kernel).
+FLUSH_THREADS: Final = 4
+# How often the dirty bit's idle timer is checked; the bit clears 5-6 s after the last allocation.
+IDLE_POLL_SECONDS: Final = 1.0
+# How long a shutdown waits for clients to take their last replies before it drops them.
+SHUTDOWN_GRACE_SECONDS: Final = 10.0
+# First file descriptor systemd passes (sd_listen_fds(3)).
+SD_LISTEN_FDS_START: Final = 3
+
+
+class ExportSet:
+    """The server's exports by name: the handshake's catalog, and the images behind it."""
+
+    def __init__(self, exports: Iterable[Export], default: str | None) -> None:
+        self.exports = {export.name: export for export in exports}
+        self.catalog = StaticCatalog((e.info for e in self.exports.values()), default)
+
+    def close(self) -> None:
+        for export in self.exports.values():
+            try:
+                export.close()
+            except Exception as exc:  # keep closing the others; the reason is logged once
+                log.error("closing export %r failed: %s", export.name, exc)
+
+
+class Connection(asyncio.Protocol):
+    """One client. See the module docstring."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._handshake: ServerHandshake | None = ServerHandshake(server.exports.catalog)
+        self._transmission: Transmission | None = None
+        self._export: Export | None = None
+        self._contexts: tuple[MetaContext, ...] = ()
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting: set[asyncio.Future[None]] = set()
+        self._pause_reasons: set[str] = set()
+        self._closing = False  # no more requests: DISC, end of stream, violation or shutdown
+        self.refused = False  # over the client limit: not counted against it
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # --- asyncio callbacks --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server = self._server
+        server.connections.add(self)
+        assert self._handshake is not None
+        limit = server.max_clients
+        if limit and server.serving_count() > limit:
+            self.refused = True
+            log.warning("refusing %s: %d clients already (limit %d)", self._peer, limit, limit)
+            self._handshake.refuse(f"the server is at its limit of {limit} clients; try again later")
+        elif server.shutting_down:
+            self._handshake.begin_shutdown()
+        self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT_SECONDS, self._handshake_timeout)
+        transport.write(self._handshake.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            if self._handshake is not None:
+                self._handshake.receive_data(data)
+                self._advance_handshake()
+            elif self._transmission is not None:
+                self._transmission.receive_data(data)
+                self._serve()
+        except Exception:
+            log.exception("%s: internal error; closing the connection", self._peer)
+            self._abort()
+
+    def eof_received(self) -> bool:
+        self.data_received_eof()
+        return True  # we close once the waiting replies are out
+
+    def data_received_eof(self) -> None:
+        if self._closing:
+            return
+        if self._handshake is not None:
+            self._handshake.receive_data(b"")
+            self._advance_handshake()
+        elif self._transmission is not None:
+            self._transmission.receive_data(b"")
+            self._serve()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._server.connections.discard(self)
+        if self._export is not None:
+            log.info("%s: disconnected from export %r", self._peer, self._export.name)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._pause("send buffer full")
+
+    def resume_writing(self) -> None:
+        self._resume("send buffer full")
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    def _handshake_timeout(self) -> None:
+        if self._handshake is not None:
+            limit = HANDSHAKE_TIMEOUT_SECONDS
+            log.warning("%s: handshake not finished after %.0f s; closing", self._peer, limit)
+            self._abort()
+
+    def _advance_handshake(self) -> None:
+        hs = self._handshake
+        assert hs is not None and self._transport is not None
+        event = hs.next_event()
+        out = hs.data_to_send()
+        if out:
+            self._transport.write(out)
+        if event is NEED_DATA:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if isinstance(event, Closed):
+            (log.debug if event.graceful else log.info)("%s: handshake ended: %s", self._peer, event.reason)
+            self._closing = True
+            self._transport.close()
+            return
+        assert isinstance(event, Ready)
+        self._start_transmission(event, hs.trailing_data)
+
+    def _start_transmission(self, ready: Ready, trailing: bytes) -> None:
+        self._handshake = None
+        self._export = self._server.exports.exports[ready.export.name]
+        self._contexts = ready.negotiated.meta_contexts
+        self._transmission = Transmission(ready)
+        log.info(
+            "%s: export %r, %s replies%s",
+            self._peer,
+            ready.export.name,
+            self._transmission.replies.mode.name.lower(),
+            "".join(f", {c.name}" for c in self._contexts),
+        )
+        if self._server.shutting_down:
+            self._closing = True
+            self._finish()
+            return
+        if trailing:
+            self._transmission.receive_data(trailing)
+            self._serve()
+
+    # --- transmission -------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        t = self._transmission
+        export = self._export
+        transport = self._transport
+        assert t is not None and export is not None and transport is not None
+        replies = t.replies
+        for event in t.events():
+            if isinstance(event, Request):
+                if event.error:
+                    transport.write(replies.error(event, event.error, event.message))
+                    continue
+                if event.command == Command.DISC:
+                    self._closing = True
+                    break
+                try:
+                    reply = export.handle(event, replies, self._contexts)
+                except Exception:
+                    log.exception("%s: %s failed unexpectedly", self._peer, command_name(event.command))
+                    self._server.internal_errors += 1
+                    transport.write(replies.error(event, Errno.EIO, "internal server error"))
+                    continue
+                if reply.flush_first:
+                    self._wait_for_flush(event, reply.buffers)
+                else:
+                    transport.writelines(reply.buffers)
+            elif isinstance(event, ProtocolViolation):
+                log.warning("%s: %s; closing the connection", self._peer, event.reason)
+                self._closing = True
+            else:
+                assert isinstance(event, EndOfStream)
+                self._closing = True
+        if self._closing:
+            self._finish()
+
+    def _wait_for_flush(self, request: Request, buffers: list[bytes | bytearray | memoryview]) -> None:
+        export = self._export
+        assert export is not None
+        future = self._loop.run_in_executor(self._server.flush_pool, export.flush)
+
+        def done(fut: asyncio.Future[None]) -> None:
+            self._waiting.discard(fut)
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return
+            exc = fut.exception()
+            if exc is None:
+                transport.writelines(buffers)
+            else:
+                assert self._transmission is not None
+                log.error("%s: flush failed: %s", self._peer, exc)
+                transport.writelines(export.error_reply(request, self._transmission.replies, exc).buffers)
+            if len(self._waiting) < MAX_WAITING_REPLIES:
+                self._resume("replies waiting for a flush")
+            if self._closing and not self._waiting:
+                self._finish()
+
+        self._waiting.add(future)
+        future.add_done_callback(done)
+        if len(self._waiting) >= MAX_WAITING_REPLIES:
+            self._pause("replies waiting for a flush")
+
+    def _finish(self) -> None:
+        """No more requests: once the waiting replies are out, close (the transport drains first)."""
+        transport = self._transport
+        if transport is None or self._waiting:
+            return
+        self._pause("closing")
+        if not transport.is_closing():
+            transport.close()
+
+    def shutdown(self) -> None:
+        """Server shutdown: refuse further options, or stop reading requests and finish."""
+        if self._handshake is not None:
+            self._handshake.begin_shutdown()
+            if self._transport is not None and self._handshake.state.name == "CLIENT_FLAGS":
+                self._abort()
+            return
+        self._closing = True
+        self._finish()
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self._pause_reasons and self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class Server:
+    """Listeners and connections over one :class:`ExportSet`."""
+
+    def __init__(self, exports: ExportSet, *, max_clients: int = 0) -> None:
+        self.exports = exports
+        self.max_clients = max_clients
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[Connection] = set()
+        self.flush_pool = concurrent.futures.ThreadPoolExecutor(
+            FLUSH_THREADS, thread_name_prefix="qednbd-flush"
+        )
+        self.shutting_down = False
+        self.internal_errors = 0
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+        self._idle_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    def serving_count(self) -> int:
+        return sum(1 for conn in self.connections if not conn.refused)
+
+    def _factory(self) -> Connection:
+        return Connection(self)
+
+    async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
+        listener = await self.loop.create_server(self._factory, host=host, port=port, reuse_address=True)
+        self._listeners.append(listener)
+        return [sock.getsockname()[:2] for sock in listener.sockets]
+
+    async def listen_unix(self, path: str) -> None:
+        listener = await self.loop.create_unix_server(self._factory, path=path)
+        self._listeners.append(listener)
+        self._unix_paths.append(path)
+
+    async def listen_inherited(self, fds: Sequence[int]) -> list[str]:
+        """Serve sockets passed by systemd; returns a description of each."""
+        described = []
+        for fd in fds:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise OSError(f"file descriptor {fd} from LISTEN_FDS is not a socket")
+            sock = socket.socket(fileno=fd)
+            if sock.family == socket.AF_UNIX:
+                listener = await self.loop.create_unix_server(self._factory, sock=sock)
+                described.append(f"nbd+unix:///?socket={sock.getsockname()}")
+            else:
+                listener = await self.loop.create_server(self._factory, sock=sock)
+                described.append(uri_for_tcp(sock.getsockname()[:2]))
+            self._listeners.append(listener)
+        return described
+
+    def start_idle_timer(self) -> None:
+        self._idle_task = self.loop.create_task(self._idle_loop())
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_POLL_SECONDS)
+            for export in self.exports.exports.values():
+                try:
+                    if export.poll_idle():
+                        log.debug("export %r: idle, dirty bit cleared", export.name)
+                except Exception as exc:  # the next allocating write will try again
+                    log.error("export %r: clearing the dirty bit failed: %s", export.name, exc)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_shutdown, sig)
+
+    def request_shutdown(self, sig: int | None = None) -> None:
+        if not self.shutting_down:
+            if sig is not None:
+                log.info("%s: shutting down", signal.Signals(sig).name)
+            self.loop.create_task(self.shutdown())
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Stop listening, let clients take their last replies, then flush and close every image."""
+        if self.shutting_down:
+            await self._stopped.wait()
+            return
+        self.shutting_down = True
+        for listener in self._listeners:
+            listener.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        pending = [conn.closed for conn in self.connections]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
+            if late:
+                log.warning("%d clients did not take their last replies; dropping them", len(late))
+                for conn in list(self.connections):
+                    conn._abort()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+        self.flush_pool.shutdown(wait=True)
+        self.exports.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._stopped.set()
+
+
+def uri_for_tcp(address: tuple[str, int], export: str = "") -> str:
+    host, port = address
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{port}" + (f"/{export}" if export else "")
+
+
+def systemd_listen_fds(environ: dict[str, str], pid: int) -> list[int]:
+    """The fds systemd passed to this process (sd_listen_fds semantics), else []."""
+    if environ.get("LISTEN_PID") != str(pid):
+        return []
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + max(count, 0)))
+
+
+def export_infos(exports: ExportSet) -> list[ExportInfo]:
+    return [e.info for e in exports.exports.values()]
+
+
+async def run(
+    exports: ExportSet,
+    *,
+    bind: str,
+    port: int,
+    socket_path: str | None,
+    max_clients: int,
+    inherited_fds: Sequence[int],
+    on_ready: Callable[[list[str]], None],
+) -> int:
+    """Listen, report the addresses through ``on_ready``, serve until a signal; returns the exit code."""
+    server = Server(exports, max_clients=max_clients)
+    try:
+        if inherited_fds:
+            uris = await server.listen_inherited(inherited_fds)
+        elif socket_path is not None:
+            await server.listen_unix(socket_path)
+            uris = [f"nbd+unix:///?socket={socket_path}"]
+        else:
+            uris = [uri_for_tcp(address) for address in await server.listen_tcp(bind, port)]
+    except BaseException:
+        exports.close()
+        raise
+    server.install_signal_handlers()
+    server.start_idle_timer()
+    on_ready(uris)
+    await server.wait_stopped()
+    return 0
+
+
+def serve_forever(
+    exports: ExportSet,
+    *,
+    bind: str,
+    port: int,
+    socket_path: str | None,
+    max_clients: int,
+    inherited_fds: Sequence[int],
+    on_ready: Callable[[list[str]], None],
+) -> int:
+    """Run :func:`run` on a new event loop (the CLI's entry point; it owns no loop itself)."""
+    return asyncio.run(
+        run(
+            exports,
+            bind=bind,
+            port=port,
+            socket_path=socket_path,
+            max_clients=max_clients,
+            inherited_fds=inherited_fds,
+            on_ready=on_ready,
+        )
+    )
