@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 
 # Debian packages the tests use, as PACKAGE=COMMAND,... (see need_debs in scripts/_venv.sh).
-DEB_PACKAGES="qemu-utils=qemu-img,qemu-io"
+# qemu-system-x86 boots the guests of tests/guest; the guests' own kernel and tools are fetched
+# there with apt-get download.
+DEB_PACKAGES="qemu-utils=qemu-img,qemu-io,qemu-nbd libnbd-bin=nbdinfo,nbdsh,nbdcopy python3-libnbd
+  nbd-client fio=fio qemu-system-x86=qemu-system-x86_64"
 
 # shellcheck disable=SC2086  # one word per package
 need_debs $DEB_PACKAGES
