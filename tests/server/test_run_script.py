@@ -44,4 +44,5 @@ def test_run_script_creates_and_serves_an_image(tmp_path: Path) -> None:
         rc = proc.wait(30)
     assert rc == 0, log_path.read_text()
     assert "No errors were found" in qemu_img("check", image).stdout
-    assert "verification failed" not in run(["qemu-io", "-f", "qed", "-c", "read -P 0x5a 0 64k", os.fspath(image)]).stdout
+    readback = run(["qemu-io", "-f", "qed", "-c", "read -P 0x5a 0 64k", os.fspath(image)]).stdout
+    assert "verification failed" not in readback
