@@ -16,8 +16,11 @@ Theory of operation
 * Errors: every failure of the image is an :class:`~qednbd.errors.ImageError` (or an ``OSError``)
   carrying a host errno; :func:`nbd_errno` is the one place that maps it to the NBD set. An
   unexpected exception is the server's to log and answer with EIO.
-* READ with structured replies sends one chunk per homogeneous run of the top image: data as
-  OFFSET_DATA, zero clusters and unallocated ranges with nothing below them as OFFSET_HOLE. With
+* READ is planned on the loop (:meth:`QedImage.read_plan`: table lookups, backing-file reads)
+  and the plan's host extents are read there too when small, or on a worker thread when they
+  add up to :data:`BACKGROUND_READ_BYTES` (a data cluster's host offset never changes, so that is
+  safe while other requests go on). With structured replies each run is a chunk: data as
+  OFFSET_DATA, zero clusters and unallocated ranges with nothing below them as OFFSET_HOLE; with
   DF the whole range is one chunk. BLOCK_STATUS maps the backing chain (:mod:`qednbd.qed.mapping`):
   ``base:allocation`` is 0 for data and HOLE|ZERO for everything else, as qemu-nbd reports QED;
   ``qemu:allocation-depth`` is the layer (1 = this image) or 0 where no layer has the range.
@@ -26,6 +29,7 @@ Theory of operation
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,12 +44,16 @@ from qednbd.nbd.constants import (
 )
 from qednbd.nbd.handshake import DEFAULT_EXPORT_FLAGS, ExportInfo, MetaContext
 from qednbd.nbd.transmission import Buffer, ReplyEncoder, ReplyMode, Request
-from qednbd.qed.image import Kind, QedImage
+from qednbd.qed.image import Kind, QedImage, ReadPiece
 from qednbd.qed.mapping import map_image
 
 # One BLOCK_STATUS reply describes at most this much of the export: the client's length is a hint,
 # and walking more tables than this in one go would hold up every other request on the loop.
 MAX_BLOCK_STATUS_BYTES: Final = 1 << 30
+# A READ with at least this many bytes to read from the file is read on a worker thread, so it
+# does not hold up other clients (a 32 MiB pread from the page cache takes ~10-100 ms here); below
+# it, the ~50 us thread hop costs more than the read.
+BACKGROUND_READ_BYTES: Final = 256 * 1024
 # Extents per BLOCK_STATUS chunk (the spec asks for at most 2^20).
 MAX_EXTENTS: Final = 1 << 16
 
@@ -78,10 +86,16 @@ def nbd_errno(exc: BaseException) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """Buffers to send for one request; ``flush_first``: only after :meth:`Export.flush` succeeds."""
+    """What to send for one request.
+
+    ``buffers`` go out at once, unless ``flush_first`` (send them only after :meth:`Export.flush`
+    succeeded) or ``background`` is set: then the server calls ``background()`` off the event loop
+    and sends what it returns. Either may raise; the server answers with :meth:`Export.error_reply`.
+    """
 
     buffers: list[Buffer]
     flush_first: bool = False
+    background: Callable[[], list[Buffer]] | None = None
 
 
 class Export:
@@ -133,7 +147,7 @@ class Export:
         command = request.command
         image = self.image
         if command == Command.READ:
-            return Reply(self._read(request, replies))
+            return self._read(request, replies)
         if command == Command.WRITE:
             assert request.payload is not None  # the framing layer attaches it to every valid WRITE
             image.write(request.offset, request.payload)
@@ -160,32 +174,51 @@ class Export:
             return False
         return all(e.kind != Kind.DATA for e in self.image.block_status(request.offset, request.length))
 
-    def _read(self, request: Request, replies: ReplyEncoder) -> list[Buffer]:
+    def _read(self, request: Request, replies: ReplyEncoder) -> Reply:
+        plan = self.image.read_plan(request.offset, request.length)
+        host_bytes = sum(p.length for p in plan if p.host_offset is not None)
+
+        def produce() -> list[Buffer]:
+            return self._read_reply(request, replies, plan)
+
+        if host_bytes >= BACKGROUND_READ_BYTES:
+            return Reply([], background=produce)
+        return Reply(produce())
+
+    def _read_reply(self, request: Request, replies: ReplyEncoder, plan: list[ReadPiece]) -> list[Buffer]:
+        """The reply buffers for a planned READ; only reads the file, so any thread may run it."""
         image = self.image
         pos, length = request.offset, request.length
-        if replies.mode is ReplyMode.SIMPLE:
-            return replies.read_data(request, pos, image.read(pos, length), done=True)
-        chunks: list[tuple[int, int, bool]] = []  # (offset, length, is_hole)
-        backing = image.backing
-        for ext in image.block_status(pos, length):
-            hole = ext.kind == Kind.ZERO or (
-                ext.kind == Kind.UNALLOCATED and (backing is None or ext.offset >= backing.size)
-            )
-            if chunks and chunks[-1][2] == hole:
-                start, n, _ = chunks[-1]
-                chunks[-1] = (start, n + ext.length, hole)
-            else:
-                chunks.append((ext.offset, ext.length, hole))
-        if request.flags & CommandFlag.DF and len(chunks) > 1:
-            data = image.read(pos, length)
-            return [*replies.read_data(request, pos, data, done=False), replies.done(request)]
+        simple = replies.mode is ReplyMode.SIMPLE
+        if simple or (request.flags & CommandFlag.DF and len(plan) > 1 and not all(p.is_zero for p in plan)):
+            buf = bytearray(length)
+            for piece in plan:
+                at = piece.offset - pos
+                if piece.host_offset is not None:
+                    buf[at : at + piece.length] = image.read_host(piece.host_offset, piece.length)
+                elif piece.data is not None:
+                    buf[at : at + piece.length] = piece.data
+            if simple:
+                return replies.read_data(request, pos, buf, done=True)
+            return [*replies.read_data(request, pos, buf, done=False), replies.done(request)]
         out: list[Buffer] = []
-        last = len(chunks) - 1
-        for i, (start, n, hole) in enumerate(chunks):
-            if hole:
-                out.append(replies.read_hole(request, start, n, done=i == last))
+        merged: list[ReadPiece] = []  # neighbouring zero pieces become one OFFSET_HOLE chunk
+        for piece in plan:
+            if merged and piece.is_zero and merged[-1].is_zero:
+                merged[-1] = ReadPiece(merged[-1].offset, merged[-1].length + piece.length)
             else:
-                out.extend(replies.read_data(request, start, image.read(start, n), done=i == last))
+                merged.append(piece)
+        last = len(merged) - 1
+        for i, piece in enumerate(merged):
+            if piece.is_zero:
+                out.append(replies.read_hole(request, piece.offset, piece.length, done=i == last))
+                continue
+            if piece.host_offset is not None:
+                data = image.read_host(piece.host_offset, piece.length)
+            else:
+                assert piece.data is not None
+                data = piece.data
+            out.extend(replies.read_data(request, piece.offset, data, done=i == last))
         return out
 
     def _block_status(

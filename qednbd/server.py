@@ -8,8 +8,9 @@ Theory of operation
   — and parses every request a received chunk completes before it returns to the loop.
 * Requests are answered by :meth:`qednbd.export.Export.handle` inline, on the loop thread, in
   arrival order; the image is touched by that one thread only. Replies that need stable storage
-  (FLUSH, FUA) wait for :meth:`Export.flush` in a small thread pool, so other requests — on this
-  connection and on others — go on meanwhile and their replies overtake (NBD allows any order).
+  (FLUSH, FUA) wait for :meth:`Export.flush` in a small thread pool, and large READs read their
+  planned file extents in another (:mod:`qednbd.export`), so other requests — on this connection
+  and on others — go on meanwhile and their replies overtake (NBD allows any order).
 * Bounds: a handshake must finish within :data:`HANDSHAKE_TIMEOUT_SECONDS`; at most
   :data:`MAX_WAITING_REPLIES` replies may wait for a flush per connection, and reading stops while
   the transport's send buffer is full (a client that does not read its replies stops being read).
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -39,6 +41,7 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+from qednbd.errors import QednbdError
 from qednbd.export import Export
 from qednbd.nbd.constants import Command, Errno
 from qednbd.nbd.handshake import (
@@ -50,7 +53,14 @@ from qednbd.nbd.handshake import (
     ServerHandshake,
     StaticCatalog,
 )
-from qednbd.nbd.transmission import EndOfStream, ProtocolViolation, Request, Transmission, command_name
+from qednbd.nbd.transmission import (
+    Buffer,
+    EndOfStream,
+    ProtocolViolation,
+    Request,
+    Transmission,
+    command_name,
+)
 
 log = logging.getLogger("qednbd.server")
 
@@ -60,12 +70,19 @@ HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
 MAX_WAITING_REPLIES: Final = 64
 # fdatasync calls that may run at once (they release the GIL; more would only queue in the kernel).
 FLUSH_THREADS: Final = 4
+# Large preads that may run at once (separate from flushes, so reads never queue behind fdatasync).
+READ_THREADS: Final = 4
 # How often the dirty bit's idle timer is checked; the bit clears 5-6 s after the last allocation.
 IDLE_POLL_SECONDS: Final = 1.0
 # How long a shutdown waits for clients to take their last replies before it drops them.
 SHUTDOWN_GRACE_SECONDS: Final = 10.0
 # First file descriptor systemd passes (sd_listen_fds(3)).
 SD_LISTEN_FDS_START: Final = 3
+
+
+def _flush_then(flush: Callable[[], None], buffers: list[Buffer]) -> list[Buffer]:
+    flush()
+    return buffers
 
 
 class ExportSet:
@@ -96,7 +113,7 @@ class Connection(asyncio.Protocol):
         self._export: Export | None = None
         self._contexts: tuple[MetaContext, ...] = ()
         self._timer: asyncio.TimerHandle | None = None
-        self._waiting: set[asyncio.Future[None]] = set()
+        self._waiting: set[asyncio.Future[list[Buffer]]] = set()
         self._pause_reasons: set[str] = set()
         self._closing = False  # no more requests: DISC, end of stream, violation or shutdown
         self.refused = False  # over the client limit: not counted against it
@@ -240,8 +257,11 @@ class Connection(asyncio.Protocol):
                     self._server.internal_errors += 1
                     transport.write(replies.error(event, Errno.EIO, "internal server error"))
                     continue
-                if reply.flush_first:
-                    self._wait_for_flush(event, reply.buffers)
+                if reply.background is not None:
+                    self._in_background(event, self._server.read_pool, reply.background)
+                elif reply.flush_first:
+                    work = functools.partial(_flush_then, export.flush, reply.buffers)
+                    self._in_background(event, self._server.flush_pool, work)
                 else:
                     transport.writelines(reply.buffers)
             elif isinstance(event, ProtocolViolation):
@@ -253,32 +273,44 @@ class Connection(asyncio.Protocol):
         if self._closing:
             self._finish()
 
-    def _wait_for_flush(self, request: Request, buffers: list[bytes | bytearray | memoryview]) -> None:
+    def _in_background(
+        self,
+        request: Request,
+        pool: concurrent.futures.ThreadPoolExecutor,
+        work: Callable[[], list[Buffer]],
+    ) -> None:
+        """Run ``work`` (a flush, a big read) on ``pool``; send what it returns when it is done."""
         export = self._export
         assert export is not None
-        future = self._loop.run_in_executor(self._server.flush_pool, export.flush)
+        future = self._loop.run_in_executor(pool, work)
 
-        def done(fut: asyncio.Future[None]) -> None:
+        def done(fut: asyncio.Future[list[Buffer]]) -> None:
             self._waiting.discard(fut)
             transport = self._transport
             if transport is None or transport.is_closing():
                 return
             exc = fut.exception()
             if exc is None:
-                transport.writelines(buffers)
+                transport.writelines(fut.result())
             else:
                 assert self._transmission is not None
-                log.error("%s: flush failed: %s", self._peer, exc)
+                if not isinstance(exc, (OSError, QednbdError)):
+                    log.error(
+                        "%s: %s failed unexpectedly", self._peer, command_name(request.command), exc_info=exc
+                    )
+                    self._server.internal_errors += 1
+                else:
+                    log.warning("%s: %s failed: %s", self._peer, command_name(request.command), exc)
                 transport.writelines(export.error_reply(request, self._transmission.replies, exc).buffers)
             if len(self._waiting) < MAX_WAITING_REPLIES:
-                self._resume("replies waiting for a flush")
+                self._resume("replies waiting for a worker")
             if self._closing and not self._waiting:
                 self._finish()
 
         self._waiting.add(future)
         future.add_done_callback(done)
         if len(self._waiting) >= MAX_WAITING_REPLIES:
-            self._pause("replies waiting for a flush")
+            self._pause("replies waiting for a worker")
 
     def _finish(self) -> None:
         """No more requests: once the waiting replies are out, close (the transport drains first)."""
@@ -330,6 +362,7 @@ class Server:
         self.flush_pool = concurrent.futures.ThreadPoolExecutor(
             FLUSH_THREADS, thread_name_prefix="qednbd-flush"
         )
+        self.read_pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="qednbd-read")
         self.shutting_down = False
         self.internal_errors = 0
         self._listeners: list[asyncio.AbstractServer] = []
@@ -415,6 +448,7 @@ class Server:
         if self._idle_task is not None:
             self._idle_task.cancel()
         self.flush_pool.shutdown(wait=True)
+        self.read_pool.shutdown(wait=True)
         self.exports.close()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):

@@ -75,6 +75,20 @@ class Extent:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadPiece:
+    """Part of a read plan: zeros (neither field set), ``data``, or ``length`` bytes at ``host_offset``."""
+
+    offset: int
+    length: int
+    host_offset: int | None = None
+    data: bytes | None = None
+
+    @property
+    def is_zero(self) -> bool:
+        return self.host_offset is None and self.data is None
+
+
+@dataclass(frozen=True, slots=True)
 class _Run:
     kind: Kind
     length: int
@@ -379,6 +393,31 @@ class QedImage:
         return [LayerRun(e.length, names[e.kind], e.host_offset) for e in self.block_status(pos, length)]
 
     # -- reading ---------------------------------------------------------------------
+
+    def read_plan(self, pos: int, length: int) -> list[ReadPiece]:
+        """How to produce [pos, pos+length): zeros, bytes already read, or host extents.
+
+        Lookups and backing-file reads happen here, on the caller's thread; the host extents
+        can then be read with :meth:`read_host` on any thread (a data cluster's host offset
+        never changes while the image is open: nothing is freed or moved).
+        """
+        self._check_range(pos, length)
+        backing = self._backing
+        plan: list[ReadPiece] = []
+        for ext in self.block_status(pos, length):
+            if ext.kind == Kind.DATA:
+                plan.append(ReadPiece(ext.offset, ext.length, host_offset=ext.host_offset))
+            elif ext.kind == Kind.ZERO or backing is None or ext.offset >= backing.size:
+                plan.append(ReadPiece(ext.offset, ext.length))
+            else:
+                plan.append(
+                    ReadPiece(ext.offset, ext.length, data=self._read_backing(ext.offset, ext.length))
+                )
+        return plan
+
+    def read_host(self, host_offset: int, length: int) -> bytes:
+        """Read bytes of this image's file (a planned data extent). Safe on any thread."""
+        return self.storage.pread(length, host_offset)
 
     def _check_range(self, pos: int, length: int) -> None:
         if pos < 0 or length < 0 or pos + length > self.header.image_size:
