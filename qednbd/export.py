@@ -52,8 +52,8 @@ from qednbd.qed.mapping import map_image
 MAX_BLOCK_STATUS_BYTES: Final = 1 << 30
 # A READ with at least this many bytes to read from the file is read on a worker thread, so it
 # does not hold up other clients (a 32 MiB pread from the page cache takes ~10-100 ms here); below
-# it, the ~50 us thread hop costs more than the read.
-BACKGROUND_READ_BYTES: Final = 256 * 1024
+# it, the ~50 us thread hop and GIL hand-offs cost more than the read (nbdcopy reads 256 KiB).
+BACKGROUND_READ_BYTES: Final = 1024 * 1024
 # Extents per BLOCK_STATUS chunk (the spec asks for at most 2^20).
 MAX_EXTENTS: Final = 1 << 16
 
