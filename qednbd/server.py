@@ -85,6 +85,19 @@ def _flush_then(flush: Callable[[], None], buffers: list[Buffer]) -> list[Buffer
     return buffers
 
 
+def _flush_quietly(export: Export) -> Callable[[], list[Buffer]]:
+    """A flush whose outcome nobody waits for (after DISC): failures are logged, not sent."""
+
+    def work() -> list[Buffer]:
+        try:
+            export.flush()
+        except (OSError, QednbdError) as exc:
+            log.error("export %r: flush after disconnect failed: %s", export.name, exc)
+        return []
+
+    return work
+
+
 class ExportSet:
     """The server's exports by name: the handshake's catalog, and the images behind it."""
 
@@ -248,7 +261,10 @@ class Connection(asyncio.Protocol):
                     transport.write(replies.error(event, event.error, event.message))
                     continue
                 if event.command == Command.DISC:
+                    # No reply; answer what is in flight, flush what this client wrote, then close.
                     self._closing = True
+                    if not export.read_only:
+                        self._in_background(event, self._server.flush_pool, _flush_quietly(export))
                     break
                 try:
                     reply = export.handle(event, replies, self._contexts)
