@@ -69,8 +69,11 @@ def serve(conf: ServerConfig, fds: Sequence[int]) -> int:
             path, size = export.image.path, export.info.size
             log.info("export %r: %s, %d bytes, %s%s", export.name, path, size, mode, default)
         if conf.pid_file:
-            with open(conf.pid_file, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            try:
+                with open(conf.pid_file, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                raise ConfigError(f"cannot write pid file {conf.pid_file}: {exc.strerror or exc}") from None
 
     try:
         return server.serve_forever(

@@ -72,6 +72,12 @@ MAX_WAITING_REPLIES: Final = 64
 FLUSH_THREADS: Final = 4
 # Large preads that may run at once (separate from flushes, so reads never queue behind fdatasync).
 READ_THREADS: Final = 4
+# Bytes of READ replies being produced by workers per connection before we stop taking requests.
+MAX_WAITING_BYTES: Final = 128 * 1024 * 1024
+# After answering a request at least this long, let other connections' callbacks run first.
+YIELD_AFTER_BYTES: Final = 1024 * 1024
+# In a shutdown, a connection is closed once its client has sent nothing for this long.
+SHUTDOWN_QUIET_SECONDS: Final = 0.5
 # How often the dirty bit's idle timer is checked; the bit clears 5-6 s after the last allocation.
 IDLE_POLL_SECONDS: Final = 1.0
 # How long a shutdown waits for clients to take their last replies before it drops them.
@@ -130,6 +136,10 @@ class Connection(asyncio.Protocol):
         self._pause_reasons: set[str] = set()
         self._closing = False  # no more requests: DISC, end of stream, violation or shutdown
         self.refused = False  # over the client limit: not counted against it
+        self._stopping = False  # the server is shutting down
+        self._quiet_timer: asyncio.TimerHandle | None = None
+        self._serve_scheduled = False
+        self._waiting_bytes = 0  # READ reply bytes being produced by workers
         self.closed = asyncio.get_running_loop().create_future()
 
     # --- asyncio callbacks --------------------------------------------------------------------
@@ -158,6 +168,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._stopping:
+            self._arm_quiet_timer()
         try:
             if self._handshake is not None:
                 self._handshake.receive_data(data)
@@ -185,8 +197,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._quiet_timer):
+            if timer is not None:
+                timer.cancel()
         self._server.connections.discard(self)
         if self._export is not None:
             log.info("%s: disconnected from export %r", self._peer, self._export.name)
@@ -239,10 +252,6 @@ class Connection(asyncio.Protocol):
             self._transmission.replies.mode.name.lower(),
             "".join(f", {c.name}" for c in self._contexts),
         )
-        if self._server.shutting_down:
-            self._closing = True
-            self._finish()
-            return
         if trailing:
             self._transmission.receive_data(trailing)
             self._serve()
@@ -250,58 +259,83 @@ class Connection(asyncio.Protocol):
     # --- transmission -------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        """Answer the buffered requests, one at a time, while the connection is not paused.
+
+        Stops while paused (send buffer full, too much waiting in workers), so a client that does
+        not read its replies cannot make the server build them all in memory; :meth:`_resume`
+        comes back here. After a large request it yields to the loop (other clients go first).
+        """
+        self._serve_scheduled = False
         t = self._transmission
         export = self._export
         transport = self._transport
         assert t is not None and export is not None and transport is not None
         replies = t.replies
-        for event in t.events():
-            if isinstance(event, Request):
-                if event.error:
-                    transport.write(replies.error(event, event.error, event.message))
-                    continue
-                if event.command == Command.DISC:
-                    # No reply; answer what is in flight, flush what this client wrote, then close.
-                    self._closing = True
-                    if not export.read_only:
-                        self._in_background(event, self._server.flush_pool, _flush_quietly(export))
-                    break
-                try:
-                    reply = export.handle(event, replies, self._contexts)
-                except Exception:
-                    log.exception("%s: %s failed unexpectedly", self._peer, command_name(event.command))
-                    self._server.internal_errors += 1
-                    transport.write(replies.error(event, Errno.EIO, "internal server error"))
-                    continue
-                if reply.background is not None:
-                    self._in_background(event, self._server.read_pool, reply.background)
-                elif reply.flush_first:
-                    work = functools.partial(_flush_then, export.flush, reply.buffers)
-                    self._in_background(event, self._server.flush_pool, work)
-                else:
-                    transport.writelines(reply.buffers)
-            elif isinstance(event, ProtocolViolation):
+        while not self._pause_reasons and not self._closing:
+            event = t.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, ProtocolViolation):
                 log.warning("%s: %s; closing the connection", self._peer, event.reason)
                 self._closing = True
-            else:
-                assert isinstance(event, EndOfStream)
+                break
+            if isinstance(event, EndOfStream):
                 self._closing = True
+                break
+            assert isinstance(event, Request)
+            if event.error:
+                transport.write(replies.error(event, event.error, event.message))
+                continue
+            if event.command == Command.DISC:
+                # No reply; answer what is in flight, flush what this client wrote, then close.
+                self._closing = True
+                if not export.read_only:
+                    self._in_background(event, self._server.flush_pool, _flush_quietly(export))
+                break
+            if self._stopping:
+                transport.write(replies.error(event, Errno.ESHUTDOWN, "server is shutting down"))
+                continue
+            try:
+                reply = export.handle(event, replies, self._contexts)
+            except Exception:
+                log.exception("%s: %s failed unexpectedly", self._peer, command_name(event.command))
+                self._server.internal_errors += 1
+                transport.write(replies.error(event, Errno.EIO, "internal server error"))
+                continue
+            if reply.background is not None:
+                self._in_background(event, self._server.read_pool, reply.background, event.length)
+            elif reply.flush_first:
+                work = functools.partial(_flush_then, export.flush, reply.buffers)
+                self._in_background(event, self._server.flush_pool, work)
+            else:
+                transport.writelines(reply.buffers)
+            if event.length >= YIELD_AFTER_BYTES:
+                self._schedule_serve()
+                return
         if self._closing:
             self._finish()
+
+    def _schedule_serve(self) -> None:
+        if not self._serve_scheduled and self._transmission is not None:
+            self._serve_scheduled = True
+            self._loop.call_soon(self._serve)
 
     def _in_background(
         self,
         request: Request,
         pool: concurrent.futures.ThreadPoolExecutor,
         work: Callable[[], list[Buffer]],
+        reply_bytes: int = 0,
     ) -> None:
         """Run ``work`` (a flush, a big read) on ``pool``; send what it returns when it is done."""
         export = self._export
         assert export is not None
         future = self._loop.run_in_executor(pool, work)
+        self._waiting_bytes += reply_bytes
 
         def done(fut: asyncio.Future[list[Buffer]]) -> None:
             self._waiting.discard(fut)
+            self._waiting_bytes -= reply_bytes
             transport = self._transport
             if transport is None or transport.is_closing():
                 return
@@ -318,14 +352,14 @@ class Connection(asyncio.Protocol):
                 else:
                     log.warning("%s: %s failed: %s", self._peer, command_name(request.command), exc)
                 transport.writelines(export.error_reply(request, self._transmission.replies, exc).buffers)
-            if len(self._waiting) < MAX_WAITING_REPLIES:
+            if len(self._waiting) < MAX_WAITING_REPLIES and self._waiting_bytes < MAX_WAITING_BYTES:
                 self._resume("replies waiting for a worker")
             if self._closing and not self._waiting:
                 self._finish()
 
         self._waiting.add(future)
         future.add_done_callback(done)
-        if len(self._waiting) >= MAX_WAITING_REPLIES:
+        if len(self._waiting) >= MAX_WAITING_REPLIES or self._waiting_bytes >= MAX_WAITING_BYTES:
             self._pause("replies waiting for a worker")
 
     def _finish(self) -> None:
@@ -338,12 +372,26 @@ class Connection(asyncio.Protocol):
             transport.close()
 
     def shutdown(self) -> None:
-        """Server shutdown: refuse further options, or stop reading requests and finish."""
+        """Server shutdown: answer further options NBD_REP_ERR_SHUTDOWN and further requests
+        NBD_ESHUTDOWN (the client should then disconnect), and close once the client is quiet.
+
+        Closing at once would drop requests the client already sent (unread data makes the
+        kernel reset the connection, and the client sees neither a reply nor an error).
+        """
+        self._stopping = True
         if self._handshake is not None:
             self._handshake.begin_shutdown()
-            if self._transport is not None and self._handshake.state.name == "CLIENT_FLAGS":
-                self._abort()
-            return
+        self._arm_quiet_timer()
+        if self._transmission is not None:
+            self._serve()
+
+    def _arm_quiet_timer(self) -> None:
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+        self._quiet_timer = self._loop.call_later(SHUTDOWN_QUIET_SECONDS, self._quiet)
+
+    def _quiet(self) -> None:
+        self._quiet_timer = None
         self._closing = True
         self._finish()
 
@@ -360,6 +408,7 @@ class Connection(asyncio.Protocol):
         self._pause_reasons.discard(reason)
         if not self._pause_reasons and self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
+            self._schedule_serve()  # requests already buffered go on being answered
 
     def _abort(self) -> None:
         self._closing = True
@@ -519,7 +568,11 @@ async def run(
         raise
     server.install_signal_handlers()
     server.start_idle_timer()
-    on_ready(uris)
+    try:
+        on_ready(uris)
+    except BaseException:
+        await server.shutdown()  # closes the listeners and the images, removes the socket file
+        raise
     await server.wait_stopped()
     return 0
 

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # qemu-system-x86 boots the guests of tests/guest; the guests' own kernel and tools are fetched
 # there with apt-get download.
 DEB_PACKAGES="qemu-utils=qemu-img,qemu-io,qemu-nbd libnbd-bin=nbdinfo,nbdsh,nbdcopy python3-libnbd
-  nbd-client fio=fio qemu-system-x86=qemu-system-x86_64"
+  nbd-client fio=fio qemu-system-x86=qemu-system-x86_64 e2fsprogs=debugfs,e2fsck"
 
 # shellcheck disable=SC2086  # one word per package
 need_debs $DEB_PACKAGES
