@@ -41,6 +41,7 @@ from qednbd.nbd.constants import (
     Command,
     CommandFlag,
     Errno,
+    TransmissionFlag,
 )
 from qednbd.nbd.handshake import DEFAULT_EXPORT_FLAGS, ExportInfo, MetaContext
 from qednbd.nbd.transmission import Buffer, ReplyEncoder, ReplyMode, Request
@@ -56,6 +57,11 @@ MAX_BLOCK_STATUS_BYTES: Final = 1 << 30
 BACKGROUND_READ_BYTES: Final = 1024 * 1024
 # Extents per BLOCK_STATUS chunk (the spec asks for at most 2^20).
 MAX_EXTENTS: Final = 1 << 16
+
+# A read-only export does not offer the commands it would refuse (qemu-nbd -r does the same).
+READ_ONLY_EXPORT_FLAGS: Final = DEFAULT_EXPORT_FLAGS & ~(
+    TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
+)
 
 STATE_HOLE: Final = 1
 STATE_ZERO: Final = 2
@@ -110,7 +116,7 @@ class Export:
             size=image.size,
             read_only=self.read_only,
             description=description,
-            flags=DEFAULT_EXPORT_FLAGS,
+            flags=READ_ONLY_EXPORT_FLAGS if self.read_only else DEFAULT_EXPORT_FLAGS,
         )
 
     @property

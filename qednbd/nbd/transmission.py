@@ -366,13 +366,13 @@ class Transmission:
         if command not in _KNOWN_COMMANDS:
             return Errno.EINVAL, f"unknown command {command}"
         name = Command(command).name
+        if self._read_only and command in _MODIFYING:  # before "not negotiated": a read-only
+            return Errno.EPERM, f"{name} on a read-only export"  # export advertises no TRIM/ZERO
         if command not in self._enabled:
             return Errno.EINVAL, f"{name} was not negotiated"
         invalid = flags & ~int(self._valid_flags[command])
         if invalid:
             return Errno.EINVAL, f"flags 0x{invalid:x} are not valid for {name}"
-        if self._read_only and command in _MODIFYING:
-            return Errno.EPERM, f"{name} on a read-only export"
         if command not in _NEED_LENGTH:
             return 0, ""
         if length == 0:

@@ -85,6 +85,9 @@ def test_size_can_is(tmp_path: Path, nbd_server) -> None:  # type: ignore[no-unt
     ro = nbd_server(image, "-r")
     assert run(["nbdinfo", "--is", "read-only", ro.uri()], check=False).returncode == 0
     assert run(["nbdinfo", "--can", "multi-conn", ro.uri()], check=False).returncode == 0
+    # A read-only export offers no command it would refuse (as qemu-nbd -r): no trim, no zero.
+    for flag, offered in (("trim", 2), ("zero", 2), ("fast-zero", 2), ("flush", 0), ("cache", 0), ("df", 0)):
+        assert run(["nbdinfo", "--can", flag, ro.uri()], check=False).returncode == offered, flag
     assert nbdinfo_json(ro.uri())["exports"][0]["is_read_only"] is True  # type: ignore[index]
 
 
