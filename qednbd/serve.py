@@ -76,15 +76,7 @@ def serve(conf: ServerConfig, fds: Sequence[int]) -> int:
                 raise ConfigError(f"cannot write pid file {conf.pid_file}: {exc.strerror or exc}") from None
 
     try:
-        return server.serve_forever(
-            exports,
-            bind=conf.bind,
-            port=conf.port,
-            socket_path=conf.socket_path,
-            max_clients=conf.max_clients,
-            inherited_fds=fds,
-            on_ready=ready,
-        )
+        return server.serve_forever(exports, conf, fds, ready)
     finally:
         if conf.pid_file:
             with contextlib.suppress(OSError):

@@ -41,13 +41,13 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+from qednbd.config import ServerConfig
 from qednbd.errors import QednbdError
 from qednbd.export import Export
 from qednbd.nbd.constants import Command, Errno
 from qednbd.nbd.handshake import (
     NEED_DATA,
     Closed,
-    ExportInfo,
     MetaContext,
     Ready,
     ServerHandshake,
@@ -539,30 +539,23 @@ def systemd_listen_fds(environ: dict[str, str], pid: int) -> list[int]:
     return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + max(count, 0)))
 
 
-def export_infos(exports: ExportSet) -> list[ExportInfo]:
-    return [e.info for e in exports.exports.values()]
-
-
 async def run(
     exports: ExportSet,
-    *,
-    bind: str,
-    port: int,
-    socket_path: str | None,
-    max_clients: int,
+    conf: ServerConfig,
     inherited_fds: Sequence[int],
     on_ready: Callable[[list[str]], None],
 ) -> int:
-    """Listen, report the addresses through ``on_ready``, serve until a signal; returns the exit code."""
-    server = Server(exports, max_clients=max_clients)
+    """Listen where ``conf`` says (or on the inherited sockets), report the addresses through
+    ``on_ready``, serve until a signal; returns the exit code."""
+    server = Server(exports, max_clients=conf.max_clients)
     try:
         if inherited_fds:
             uris = await server.listen_inherited(inherited_fds)
-        elif socket_path is not None:
-            await server.listen_unix(socket_path)
-            uris = [f"nbd+unix:///?socket={socket_path}"]
+        elif conf.socket_path is not None:
+            await server.listen_unix(conf.socket_path)
+            uris = [f"nbd+unix:///?socket={conf.socket_path}"]
         else:
-            uris = [uri_for_tcp(address) for address in await server.listen_tcp(bind, port)]
+            uris = [uri_for_tcp(address) for address in await server.listen_tcp(conf.bind, conf.port)]
     except BaseException:
         exports.close()
         raise
@@ -579,23 +572,9 @@ async def run(
 
 def serve_forever(
     exports: ExportSet,
-    *,
-    bind: str,
-    port: int,
-    socket_path: str | None,
-    max_clients: int,
+    conf: ServerConfig,
     inherited_fds: Sequence[int],
     on_ready: Callable[[list[str]], None],
 ) -> int:
     """Run :func:`run` on a new event loop (the CLI's entry point; it owns no loop itself)."""
-    return asyncio.run(
-        run(
-            exports,
-            bind=bind,
-            port=port,
-            socket_path=socket_path,
-            max_clients=max_clients,
-            inherited_fds=inherited_fds,
-            on_ready=on_ready,
-        )
-    )
+    return asyncio.run(run(exports, conf, inherited_fds, on_ready))
