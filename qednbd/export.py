@@ -29,6 +29,7 @@ Theory of operation
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -62,6 +63,10 @@ MAX_EXTENTS: Final = 1 << 16
 READ_ONLY_EXPORT_FLAGS: Final = DEFAULT_EXPORT_FLAGS & ~(
     TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
 )
+
+_DF: Final = int(CommandFlag.DF)  # plain ints: IntFlag arithmetic runs Python code per request
+_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
+_REQ_ONE: Final = int(CommandFlag.REQ_ONE)
 
 STATE_HOLE: Final = 1
 STATE_ZERO: Final = 2
@@ -162,7 +167,7 @@ class Export:
         elif command == Command.TRIM:
             image.trim(request.offset, request.length)
         elif command == Command.WRITE_ZEROES:
-            if request.flags & CommandFlag.FAST_ZERO and not self._zeroes_are_fast(request):
+            if request.flags & _FAST_ZERO and not self._zeroes_are_fast(request):
                 return Reply([replies.error(request, Errno.ENOTSUP, "zeroing this range needs data writes")])
             image.write_zeroes(request.offset, request.length)
         elif command == Command.CACHE:
@@ -182,21 +187,23 @@ class Export:
 
     def _read(self, request: Request, replies: ReplyEncoder) -> Reply:
         plan = self.image.read_plan(request.offset, request.length)
-        host_bytes = sum(p.length for p in plan if p.host_offset is not None)
-
-        def produce() -> list[Buffer]:
-            return self._read_reply(request, replies, plan)
-
+        host_bytes = 0
+        for piece in plan:
+            if piece.host_offset is not None:
+                host_bytes += piece.length
         if host_bytes >= BACKGROUND_READ_BYTES:
-            return Reply([], background=produce)
-        return Reply(produce())
+            return Reply([], background=functools.partial(self._read_reply, request, replies, plan))
+        return Reply(self._read_reply(request, replies, plan))
 
     def _read_reply(self, request: Request, replies: ReplyEncoder, plan: list[ReadPiece]) -> list[Buffer]:
         """The reply buffers for a planned READ; only reads the file, so any thread may run it."""
         image = self.image
         pos, length = request.offset, request.length
         simple = replies.mode is ReplyMode.SIMPLE
-        if simple or (request.flags & CommandFlag.DF and len(plan) > 1 and not all(p.is_zero for p in plan)):
+        if simple and len(plan) == 1 and plan[0].host_offset is not None:  # the common case, no copy
+            data = image.read_host(plan[0].host_offset, length)
+            return replies.read_data(request, pos, data, done=True)
+        if simple or (request.flags & _DF and len(plan) > 1 and not all(p.is_zero for p in plan)):
             buf = bytearray(length)
             for piece in plan:
                 at = piece.offset - pos
@@ -209,11 +216,13 @@ class Export:
             return [*replies.read_data(request, pos, buf, done=False), replies.done(request)]
         out: list[Buffer] = []
         merged: list[ReadPiece] = []  # neighbouring zero pieces become one OFFSET_HOLE chunk
-        for piece in plan:
+        for piece in plan if len(plan) > 1 else ():
             if merged and piece.is_zero and merged[-1].is_zero:
                 merged[-1] = ReadPiece(merged[-1].offset, merged[-1].length + piece.length)
             else:
                 merged.append(piece)
+        if not merged:
+            merged = plan
         last = len(merged) - 1
         for i, piece in enumerate(merged):
             if piece.is_zero:
@@ -250,7 +259,7 @@ class Export:
                     pairs.append((ext.length, status))
                 else:
                     break
-            if request.flags & CommandFlag.REQ_ONE:
+            if request.flags & _REQ_ONE:
                 pairs = [(min(pairs[0][0], request.length), pairs[0][1])]
             out.append(replies.block_status(request, context.id, pairs, done=i == len(contexts) - 1))
         return b"".join(out)

@@ -324,7 +324,7 @@ class Connection(asyncio.Protocol):
                     work = functools.partial(_flush_then, export.flush, reply.buffers)
                     self._in_background(event, self._server.flush_pool, work)
                 else:
-                    size = sum(memoryview(b).nbytes for b in reply.buffers)
+                    size = sum(map(len, reply.buffers))
                     if size >= BATCH_REPLY_BYTES:  # large replies go alone: joining them only copies
                         if batch:
                             transport.writelines(batch)

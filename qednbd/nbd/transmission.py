@@ -78,12 +78,29 @@ _COMPACT_AFTER_BYTES: Final = 64 * 1024
 
 Buffer = bytes | bytearray | memoryview
 
+# Plain ints on the per-request path: hashing and combining IntEnum/IntFlag members runs Python code.
 _KNOWN_COMMANDS: Final = frozenset(int(c) for c in Command)
-_MODIFYING: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.RESIZE})
-_NEED_LENGTH: Final = frozenset(
-    {Command.READ, Command.WRITE, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES, Command.BLOCK_STATUS}
+_MODIFYING: Final = frozenset(
+    int(c) for c in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.RESIZE)
 )
-_NO_SPACE: Final = frozenset({Command.WRITE, Command.WRITE_ZEROES})  # past the end: ENOSPC, not EINVAL
+_NEED_LENGTH: Final = frozenset(
+    int(c)
+    for c in (
+        Command.READ,
+        Command.WRITE,
+        Command.TRIM,
+        Command.CACHE,
+        Command.WRITE_ZEROES,
+        Command.BLOCK_STATUS,
+    )
+)
+_NO_SPACE: Final = frozenset({int(Command.WRITE), int(Command.WRITE_ZEROES)})  # past the end: ENOSPC
+_READ: Final = int(Command.READ)
+_WRITE: Final = int(Command.WRITE)
+_DISC: Final = int(Command.DISC)
+_PAYLOAD_LEN: Final = int(CommandFlag.PAYLOAD_LEN)
+_DF: Final = int(CommandFlag.DF)
+_FUA: Final = int(CommandFlag.FUA)
 
 
 def command_name(command: int) -> str:
@@ -108,7 +125,7 @@ class Request:
 
     @property
     def fua(self) -> bool:
-        return bool(self.flags & CommandFlag.FUA)
+        return bool(self.flags & _FUA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +152,8 @@ class TransmissionState(enum.Enum):
     SKIP = "discarding a request payload"
     CLOSED = "closed"
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own __hash__ is Python code
+
 
 class _Step(enum.Enum):
     NO_PAYLOAD = "request without payload"
@@ -142,6 +161,8 @@ class _Step(enum.Enum):
     SKIP = "payload to discard follows"
     COMPLETE = "payload complete"
     CLOSE = "close"
+
+    __hash__ = object.__hash__
 
 
 _S = TransmissionState
@@ -184,7 +205,7 @@ class Transmission:
         else:
             mode = ReplyMode.SIMPLE
         self.replies = ReplyEncoder(mode)
-        self._enabled = {Command.READ, Command.WRITE}
+        self._enabled = {_READ, _WRITE}
         for flag, command in (
             (TransmissionFlag.SEND_FLUSH, Command.FLUSH),
             (TransmissionFlag.SEND_TRIM, Command.TRIM),
@@ -192,11 +213,11 @@ class Transmission:
             (TransmissionFlag.SEND_CACHE, Command.CACHE),
         ):
             if flags & flag:
-                self._enabled.add(command)
+                self._enabled.add(int(command))
         if negotiated.meta_contexts:
-            self._enabled.add(Command.BLOCK_STATUS)
+            self._enabled.add(int(Command.BLOCK_STATUS))
         fua = int(CommandFlag.FUA)  # plain ints: ~IntFlag would hide undefined bits
-        self._valid_flags: dict[int, int] = {
+        valid_flags = {
             Command.READ: fua | (CommandFlag.DF if flags & TransmissionFlag.SEND_DF else 0),
             Command.WRITE: fua | (CommandFlag.PAYLOAD_LEN if self._extended else 0),
             Command.FLUSH: fua,
@@ -207,6 +228,7 @@ class Transmission:
             | (CommandFlag.FAST_ZERO if flags & TransmissionFlag.SEND_FAST_ZERO else 0),
             Command.BLOCK_STATUS: fua | CommandFlag.REQ_ONE,
         }
+        self._valid_flags: dict[int, int] = {int(c): int(f) for c, f in valid_flags.items()}
         self._state = TransmissionState.HEADER
         self._buf = bytearray()
         self._pos = 0  # consumed bytes at the front of _buf
@@ -300,10 +322,10 @@ class Transmission:
         self._pos += self._header.size
         if magic != self._magic:
             return self._violation(f"bad request magic 0x{magic:08x} (expected 0x{self._magic:08x})")
-        if command == Command.DISC:
+        if command == _DISC:
             self._advance(_Step.CLOSE)
             return Request(cookie, command, flags, offset, length)
-        has_payload = command == Command.WRITE or (self._extended and flags & CommandFlag.PAYLOAD_LEN)
+        has_payload = command == _WRITE or (self._extended and flags & _PAYLOAD_LEN)
         error, message = self._validate(command, flags, offset, length)
         if not has_payload:
             self._advance(_Step.NO_PAYLOAD)
@@ -365,25 +387,28 @@ class Transmission:
         """(NBD errno, reason) for a well-framed request; (0, "") if it may be executed."""
         if command not in _KNOWN_COMMANDS:
             return Errno.EINVAL, f"unknown command {command}"
-        name = Command(command).name
-        if self._read_only and command in _MODIFYING:  # before "not negotiated": a read-only
-            return Errno.EPERM, f"{name} on a read-only export"  # export advertises no TRIM/ZERO
+        # Before "not negotiated": a read-only export does not advertise TRIM or WRITE_ZEROES.
+        if self._read_only and command in _MODIFYING:
+            return Errno.EPERM, f"{command_name(command)} on a read-only export"
         if command not in self._enabled:
-            return Errno.EINVAL, f"{name} was not negotiated"
-        invalid = flags & ~int(self._valid_flags[command])
+            return Errno.EINVAL, f"{command_name(command)} was not negotiated"
+        invalid = flags & ~self._valid_flags[command]
         if invalid:
-            return Errno.EINVAL, f"flags 0x{invalid:x} are not valid for {name}"
+            return Errno.EINVAL, f"flags 0x{invalid:x} are not valid for {command_name(command)}"
         if command not in _NEED_LENGTH:
             return 0, ""
         if length == 0:
-            return Errno.EINVAL, f"{name} of length 0"
+            return Errno.EINVAL, f"{command_name(command)} of length 0"
         if offset + length > self._size:
             code = Errno.ENOSPC if command in _NO_SPACE else Errno.EINVAL
-            return code, f"{name} of {length} bytes at {offset} runs past the end ({self._size})"
+            return (
+                code,
+                f"{command_name(command)} of {length} bytes at {offset} runs past the end ({self._size})",
+            )
         if (offset | length) % self._alignment:
-            return Errno.EINVAL, f"{name} is not aligned to {self._alignment} bytes"
-        if command == Command.READ and length > self._max_request:
-            code = Errno.EOVERFLOW if flags & CommandFlag.DF else Errno.EINVAL
+            return Errno.EINVAL, f"{command_name(command)} is not aligned to {self._alignment} bytes"
+        if command == _READ and length > self._max_request:
+            code = Errno.EOVERFLOW if flags & _DF else Errno.EINVAL
             return code, f"READ of {length} bytes exceeds {self._max_request}"
         return 0, ""
 

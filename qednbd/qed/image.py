@@ -403,6 +403,13 @@ class QedImage:
         """
         self._check_range(pos, length)
         backing = self._backing
+        if self.geometry.offset_in_cluster(pos) + length <= self.geometry.cluster_size:
+            run = self._find_run(pos, length)  # within one cluster: a single run (the common case)
+            if run.kind == Kind.DATA:
+                return [ReadPiece(pos, length, host_offset=run.host_offset)]
+            if run.kind == Kind.ZERO or backing is None or pos >= backing.size:
+                return [ReadPiece(pos, length)]
+            return [ReadPiece(pos, length, data=self._read_backing(pos, length))]
         plan: list[ReadPiece] = []
         for ext in self.block_status(pos, length):
             if ext.kind == Kind.DATA:
