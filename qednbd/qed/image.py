@@ -403,11 +403,22 @@ class QedImage:
         """
         self._check_range(pos, length)
         backing = self._backing
-        if self.geometry.offset_in_cluster(pos) + length <= self.geometry.cluster_size:
-            run = self._find_run(pos, length)  # within one cluster: a single run (the common case)
-            if run.kind == Kind.DATA:
-                return [ReadPiece(pos, length, host_offset=run.host_offset)]
-            if run.kind == Kind.ZERO or backing is None or pos >= backing.size:
+        g = self.geometry
+        within = pos & g.cluster_mask
+        if within + length <= g.cluster_size:  # one cluster (the common case): the lookup inline
+            entry = UNALLOCATED
+            l2_offset = self.l1.entries[pos >> g.l1_shift]
+            if l2_offset != UNALLOCATED:
+                if not fmt.table_offset_valid(l2_offset, self.header, self.file_size):
+                    raise self._bad_offset("L2 table", l2_offset, pos)
+                index = (pos >> g.cluster_bits) & g.l2_mask
+                page_entries = self.l2.page_entries
+                entry = self.l2.page(l2_offset, index // page_entries)[index % page_entries]
+            if entry > ZERO_CLUSTER:
+                if not fmt.cluster_offset_valid(entry, self.header, self.file_size):
+                    raise self._bad_offset("data cluster", entry, pos)
+                return [ReadPiece(pos, length, host_offset=entry + within)]
+            if entry == ZERO_CLUSTER or backing is None or pos >= backing.size:
                 return [ReadPiece(pos, length)]
             return [ReadPiece(pos, length, data=self._read_backing(pos, length))]
         plan: list[ReadPiece] = []
