@@ -31,8 +31,7 @@ from __future__ import annotations
 import errno
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from qednbd.errors import ImageError
 from qednbd.nbd.constants import (
@@ -95,9 +94,8 @@ def nbd_errno(exc: BaseException) -> int:
     return int(Errno.EIO)
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """What to send for one request.
+class Reply(NamedTuple):
+    """What to send for one request (a NamedTuple: one is built per request).
 
     ``buffers`` go out at once, unless ``flush_first`` (send them only after :meth:`Export.flush`
     succeeded) or ``background`` is set: then the server calls ``background()`` off the event loop
@@ -199,10 +197,9 @@ class Export:
         """The reply buffers for a planned READ; only reads the file, so any thread may run it."""
         image = self.image
         pos, length = request.offset, request.length
+        if len(plan) == 1 and plan[0].host_offset is not None:  # the common case: one extent, no copy
+            return replies.read_data(request, pos, image.read_host(plan[0].host_offset, length), done=True)
         simple = replies.mode is ReplyMode.SIMPLE
-        if simple and len(plan) == 1 and plan[0].host_offset is not None:  # the common case, no copy
-            data = image.read_host(plan[0].host_offset, length)
-            return replies.read_data(request, pos, data, done=True)
         if simple or (request.flags & _DF and len(plan) > 1 and not all(p.is_zero for p in plan)):
             buf = bytearray(length)
             for piece in plan:

@@ -218,6 +218,8 @@ SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie (16 bytes)
 STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length (20 bytes)
 EXTENDED_REPLY = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, payload length (32)
 OFFSET_DATA_PREFIX = struct.Struct(">Q")  # OFFSET_DATA payload: offset, then the data
+# A structured chunk header and the OFFSET_DATA offset packed at once (the READ fast path).
+STRUCTURED_OFFSET_DATA = struct.Struct(">IHHQIQ")  # magic, flags, type, cookie, length, offset
 OFFSET_HOLE = struct.Struct(">QI")  # OFFSET_HOLE payload: offset, hole size
 ERROR_PREFIX = struct.Struct(">IH")  # ERROR / ERROR_OFFSET payload: error, message length, message…
 ERROR_OFFSET_SUFFIX = struct.Struct(">Q")  # ERROR_OFFSET payload ends with the offset

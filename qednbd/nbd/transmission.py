@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from qednbd.nbd.constants import (
     BLOCK_DESCRIPTOR,
@@ -51,6 +51,7 @@ from qednbd.nbd.constants import (
     OFFSET_HOLE,
     REQUEST,
     SIMPLE_REPLY,
+    STRUCTURED_OFFSET_DATA,
     STRUCTURED_REPLY,
     U32,
     U32_MAX,
@@ -101,6 +102,9 @@ _DISC: Final = int(Command.DISC)
 _PAYLOAD_LEN: Final = int(CommandFlag.PAYLOAD_LEN)
 _DF: Final = int(CommandFlag.DF)
 _FUA: Final = int(CommandFlag.FUA)
+_STRUCTURED_MAGIC: Final = int(Magic.STRUCTURED_REPLY)
+_DONE: Final = int(ReplyFlag.DONE)
+_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 
 
 def command_name(command: int) -> str:
@@ -110,9 +114,12 @@ def command_name(command: int) -> str:
 # --- events -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request. ``error != 0``: reply with that NBD errno (``message`` says why), do nothing."""
+class Request(NamedTuple):
+    """One request. ``error != 0``: reply with that NBD errno (``message`` says why), do nothing.
+
+    A NamedTuple, not a frozen dataclass: one is built per request, and a frozen dataclass's
+    ``__init__`` costs ~1 us against ~0.3 us.
+    """
 
     cookie: int
     command: int  # a Command value, or an unknown number (then error == EINVAL)
@@ -494,6 +501,11 @@ class ReplyEncoder:
             return [self.simple(request), data]
         if size == 0:
             raise ValueError("an OFFSET_DATA chunk carries at least one byte")
+        if self.mode is ReplyMode.STRUCTURED:
+            head = STRUCTURED_OFFSET_DATA.pack(
+                _STRUCTURED_MAGIC, _DONE if done else 0, _OFFSET_DATA, request.cookie, 8 + size, offset
+            )
+            return [head, data]
         prefix = OFFSET_DATA_PREFIX.pack(offset)
         return [self.chunk_header(request, ReplyType.OFFSET_DATA, len(prefix) + size, done) + prefix, data]
 
