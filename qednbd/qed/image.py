@@ -323,6 +323,23 @@ class QedImage:
     def _bad_offset(self, what: str, value: int, pos: int) -> ImageError:
         return ImageError(errno.EIO, f"invalid {what} offset 0x{value:x} for guest offset 0x{pos:x}")
 
+    def _entry_at(self, pos: int) -> int:
+        """The L2 entry for the cluster holding ``pos``: UNALLOCATED, ZERO_CLUSTER or a validated
+        data cluster offset. The one-cluster fast path of reads and writes; same checks and errors
+        as :meth:`_find_run`."""
+        g = self.geometry
+        l2_offset = self.l1.entries[pos >> g.l1_shift]
+        if l2_offset == UNALLOCATED:
+            return UNALLOCATED
+        if not fmt.table_offset_valid(l2_offset, self.header, self.file_size):
+            raise self._bad_offset("L2 table", l2_offset, pos)
+        index = (pos >> g.cluster_bits) & g.l2_mask
+        page_entries = self.l2.page_entries
+        entry = self.l2.page(l2_offset, index // page_entries)[index % page_entries]
+        if entry > ZERO_CLUSTER and not fmt.cluster_offset_valid(entry, self.header, self.file_size):
+            raise self._bad_offset("data cluster", entry, pos)
+        return entry
+
     def _find_run(self, pos: int, length: int) -> _Run:
         """The homogeneous run starting at ``pos``, at most ``length`` bytes."""
         g = self.geometry
@@ -406,18 +423,9 @@ class QedImage:
         backing = self._backing
         g = self.geometry
         within = pos & g.cluster_mask
-        if within + length <= g.cluster_size:  # one cluster (the common case): the lookup inline
-            entry = UNALLOCATED
-            l2_offset = self.l1.entries[pos >> g.l1_shift]
-            if l2_offset != UNALLOCATED:
-                if not fmt.table_offset_valid(l2_offset, self.header, self.file_size):
-                    raise self._bad_offset("L2 table", l2_offset, pos)
-                index = (pos >> g.cluster_bits) & g.l2_mask
-                page_entries = self.l2.page_entries
-                entry = self.l2.page(l2_offset, index // page_entries)[index % page_entries]
+        if within + length <= g.cluster_size:  # one cluster (the common case)
+            entry = self._entry_at(pos)
             if entry > ZERO_CLUSTER:
-                if not fmt.cluster_offset_valid(entry, self.header, self.file_size):
-                    raise self._bad_offset("data cluster", entry, pos)
                 return [ReadPiece(pos, length, host_offset=entry + within)]
             if entry == ZERO_CLUSTER or backing is None or pos >= backing.size:
                 return [ReadPiece(pos, length)]
@@ -484,6 +492,12 @@ class QedImage:
         self._check_writable()
         view = memoryview(data).cast("B")
         self._check_range(pos, len(view))
+        within = pos & self.geometry.cluster_mask
+        if within + len(view) <= self.geometry.cluster_size:  # in place in one cluster: the fast path
+            entry = self._entry_at(pos)
+            if entry > ZERO_CLUSTER:
+                self.storage.pwrite(view, entry + within)
+                return
         done = 0
         total = len(view)
         while done < total:
