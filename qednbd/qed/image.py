@@ -446,6 +446,12 @@ class QedImage:
         """Read bytes of this image's file (a planned data extent). Safe on any thread."""
         return self.storage.pread(length, host_offset)
 
+    def read_host_cached(self, host_offset: int, length: int) -> bytes | bytearray | None:
+        """Like :meth:`read_host` if the bytes are in the page cache, else None (never waits
+        for the disk), so the caller can read them on another thread instead."""
+        nowait = getattr(self.storage, "pread_nowait", None)
+        return None if nowait is None else nowait(length, host_offset)
+
     def _check_range(self, pos: int, length: int) -> None:
         if pos < 0 or length < 0 or pos + length > self.header.image_size:
             raise ImageError(

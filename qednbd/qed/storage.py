@@ -88,6 +88,7 @@ class FileStorage:
         self._read_only = read_only
         self._can_punch = True
         self._flush_failed = False
+        self._nowait = hasattr(os, "RWF_NOWAIT")
 
     @property
     def read_only(self) -> bool:
@@ -108,6 +109,23 @@ class FileStorage:
         except OSError as exc:
             raise _io_error(exc, "read failed") from exc
         return data
+
+    def pread_nowait(self, length: int, offset: int) -> bytearray | None:
+        """All ``length`` bytes if the page cache holds them, else None: never waits for the disk
+        (``preadv`` with ``RWF_NOWAIT``). None also where the kernel or filesystem lacks it."""
+        if not self._nowait:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._nowait = False
+                return None
+            raise _io_error(exc, "read failed") from exc
+        return buf if n == length else None  # short: part uncached, or the end of the file
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
