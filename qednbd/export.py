@@ -17,9 +17,10 @@ Theory of operation
   carrying a host errno; :func:`nbd_errno` is the one place that maps it to the NBD set. An
   unexpected exception is the server's to log and answer with EIO.
 * READ is planned on the loop (:meth:`QedImage.read_plan`: table lookups, backing-file reads)
-  and the plan's host extents are read there too when small, or on a worker thread when they
-  add up to :data:`BACKGROUND_READ_BYTES` (a data cluster's host offset never changes, so that is
-  safe while other requests go on). With structured replies each run is a chunk: data as
+  and the plan's host extents are read there too when small and in the page cache (a one-extent
+  read tries ``preadv(RWF_NOWAIT)``), or on a worker thread when they are not cached or add up to
+  :data:`BACKGROUND_READ_BYTES` (a data cluster's host offset never changes, so that is safe
+  while other requests go on). With structured replies each run is a chunk: data as
   OFFSET_DATA, zero clusters and unallocated ranges with nothing below them as OFFSET_HOLE; with
   DF the whole range is one chunk. BLOCK_STATUS maps the backing chain (:mod:`qednbd.qed.mapping`):
   ``base:allocation`` is 0 for data and HOLE|ZERO for everything else, as qemu-nbd reports QED;
