@@ -94,6 +94,9 @@ SHUTDOWN_GRACE_SECONDS: Final = 10.0
 SD_LISTEN_FDS_START: Final = 3
 
 
+_CHANGES_DATA: Final = frozenset(int(c) for c in (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM))
+
+
 def _write_large(transport: asyncio.Transport, buffers: list[Buffer]) -> None:
     """Send a large reply buffer by buffer: ``writelines`` would first join them (a copy of
     the whole payload); ``write`` hands each to the socket directly when nothing is queued."""
@@ -155,6 +158,7 @@ class Connection(asyncio.Protocol):
         self._quiet_timer: asyncio.TimerHandle | None = None
         self._serve_scheduled = False
         self._waiting_bytes = 0  # READ reply bytes being produced by workers
+        self._unflushed = False  # this client changed data since its last FLUSH (flushed at DISC)
         self.closed = asyncio.get_running_loop().create_future()
 
     # --- asyncio callbacks --------------------------------------------------------------------
@@ -316,7 +320,7 @@ class Connection(asyncio.Protocol):
                 if event.command == Command.DISC:
                     # No reply; answer what is in flight, flush what this client wrote, then close.
                     self._closing = True
-                    if not export.read_only:
+                    if self._unflushed:
                         self._in_background(event, self._server.flush_pool, _flush_quietly(export))
                     break
                 if self._stopping:
@@ -324,6 +328,10 @@ class Connection(asyncio.Protocol):
                     batch.append(error)
                     batch_bytes += len(error)
                     continue
+                if event.command in _CHANGES_DATA:
+                    self._unflushed = True
+                elif event.command == Command.FLUSH:
+                    self._unflushed = False
                 try:
                     reply = export.handle(event, replies, self._contexts)
                 except Exception:
