@@ -58,6 +58,9 @@ MAX_BLOCK_STATUS_BYTES: Final = 1 << 30
 # throughput inline against 1.1x on a worker). Smaller reads go to a worker only when the page
 # cache does not hold their data (preadv RWF_NOWAIT), so a cold read never blocks the loop.
 BACKGROUND_READ_BYTES: Final = 4 * 1024 * 1024
+# Cached single-extent READs from this size up are offered to the server for sendfile: the data
+# goes from the page cache to the socket inside the kernel, with no copy through Python.
+ZERO_COPY_BYTES: Final = 64 * 1024
 # Extents per BLOCK_STATUS chunk (the spec asks for at most 2^20).
 MAX_EXTENTS: Final = 1 << 16
 
@@ -97,6 +100,15 @@ def nbd_errno(exc: BaseException) -> int:
     return int(Errno.EIO)
 
 
+class ZeroCopy(NamedTuple):
+    """A READ reply the server may send with sendfile: ``header``, then ``length`` bytes of the
+    image file at ``host_offset`` (:meth:`Export.send_file`; :meth:`Export.read_file` for the rest)."""
+
+    header: bytes
+    host_offset: int
+    length: int
+
+
 class Reply(NamedTuple):
     """What to send for one request (a NamedTuple: one is built per request).
 
@@ -108,6 +120,7 @@ class Reply(NamedTuple):
     buffers: list[Buffer]
     flush_first: bool = False
     background: Callable[[], list[Buffer]] | None = None
+    zero_copy: ZeroCopy | None = None
 
 
 class Export:
@@ -134,6 +147,14 @@ class Export:
     def flush(self) -> None:
         """Make every completed write durable (thread-safe: only fdatasync on the image's fd)."""
         self.image.flush()
+
+    def send_file(self, out_fd: int, host_offset: int, length: int) -> int:
+        """Zero-copy part of a :class:`ZeroCopy` reply; returns the bytes sent."""
+        return self.image.send_host(out_fd, host_offset, length)
+
+    def read_file(self, host_offset: int, length: int) -> bytes:
+        """The rest of a :class:`ZeroCopy` reply that sendfile did not take."""
+        return self.image.read_host(host_offset, length)
 
     def poll_idle(self) -> bool:
         """Clear the dirty bit after an idle period (see :meth:`QedImage.poll_idle`)."""
@@ -195,7 +216,11 @@ class Export:
         if host_bytes >= BACKGROUND_READ_BYTES:
             return Reply([], background=functools.partial(self._read_reply, request, replies, plan))
         if len(plan) == 1 and plan[0].host_offset is not None:  # the common case: one extent
-            data = self.image.read_host_cached(plan[0].host_offset, request.length)
+            host = plan[0].host_offset
+            if request.length >= ZERO_COPY_BYTES and self.image.host_cached(host, request.length):
+                header = replies.data_header(request, request.offset, request.length, done=True)
+                return Reply([], zero_copy=ZeroCopy(header, host, request.length))
+            data = self.image.read_host_cached(host, request.length)
             if data is None:  # not in the page cache: wait for the disk on a worker, not here
                 return Reply([], background=functools.partial(self._read_reply, request, replies, plan))
             return Reply(replies.read_data(request, request.offset, data, done=True))

@@ -43,7 +43,7 @@ from typing import Final
 
 from qednbd.config import ServerConfig
 from qednbd.errors import QednbdError
-from qednbd.export import Export
+from qednbd.export import Export, ZeroCopy
 from qednbd.nbd.constants import Command, Errno
 from qednbd.nbd.handshake import (
     NEED_DATA,
@@ -159,6 +159,7 @@ class Connection(asyncio.Protocol):
         self._serve_scheduled = False
         self._waiting_bytes = 0  # READ reply bytes being produced by workers
         self._unflushed = False  # this client changed data since its last FLUSH (flushed at DISC)
+        self._sock_fd = -1  # for sendfile
         self.closed = asyncio.get_running_loop().create_future()
 
     # --- asyncio callbacks --------------------------------------------------------------------
@@ -170,6 +171,7 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
         if sock is not None:
+            self._sock_fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with contextlib.suppress(OSError):  # the kernel caps it at net.core.wmem_max
@@ -344,6 +346,11 @@ class Connection(asyncio.Protocol):
                 elif reply.flush_first:
                     work = functools.partial(_flush_then, export.flush, reply.buffers)
                     self._in_background(event, self._server.flush_pool, work)
+                elif reply.zero_copy is not None:
+                    if batch:
+                        transport.writelines(batch)
+                        batch, batch_bytes = [], 0
+                    self._send_zero_copy(export, reply.zero_copy)
                 else:
                     size = sum(map(len, reply.buffers))
                     if size >= BATCH_REPLY_BYTES:  # large replies go alone: joining them only copies
@@ -362,6 +369,30 @@ class Connection(asyncio.Protocol):
                 transport.writelines(batch)
         if self._closing:
             self._finish()
+
+    def _send_zero_copy(self, export: Export, zc: ZeroCopy) -> None:
+        """Header, then the file bytes with sendfile, straight to the socket when nothing is queued
+        in the transport (else, or for what the socket did not take, through the transport)."""
+        transport = self._transport
+        assert transport is not None
+        sent = 0
+        if self._sock_fd >= 0 and transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            try:
+                head = os.write(self._sock_fd, zc.header)
+                if head == len(zc.header):
+                    sent = export.send_file(self._sock_fd, zc.host_offset, zc.length)
+            except BlockingIOError:
+                head = 0
+            except (OSError, QednbdError) as exc:  # the client went away under us
+                log.info("%s: send failed: %s", self._peer, exc)
+                self._abort()
+                return
+            if head < len(zc.header):
+                transport.write(zc.header[head:])
+        else:
+            transport.write(zc.header)
+        if sent < zc.length:
+            transport.write(export.read_file(zc.host_offset + sent, zc.length - sent))
 
     def _schedule_serve(self) -> None:
         if not self._serve_scheduled and self._transmission is not None:

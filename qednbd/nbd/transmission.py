@@ -494,20 +494,23 @@ class ReplyEncoder:
         In SIMPLE mode this is the whole reply, so ``data`` must be the whole request;
         otherwise it is an OFFSET_DATA chunk for ``len(data)`` bytes at ``offset``.
         """
-        size = memoryview(data).nbytes
+        return [self.data_header(request, offset, memoryview(data).nbytes, done=done), data]
+
+    def data_header(self, request: Request, offset: int, size: int, *, done: bool) -> bytes:
+        """What goes before ``size`` bytes of READ data at ``offset`` (for data sent separately,
+        e.g. with sendfile): the simple reply header, or an OFFSET_DATA chunk's header."""
         if self.mode is ReplyMode.SIMPLE:
             if offset != request.offset or size != request.length:
                 raise ValueError("a simple READ reply carries exactly the requested range")
-            return [self.simple(request), data]
+            return self.simple(request)
         if size == 0:
             raise ValueError("an OFFSET_DATA chunk carries at least one byte")
         if self.mode is ReplyMode.STRUCTURED:
-            head = STRUCTURED_OFFSET_DATA.pack(
+            return STRUCTURED_OFFSET_DATA.pack(
                 _STRUCTURED_MAGIC, _DONE if done else 0, _OFFSET_DATA, request.cookie, 8 + size, offset
             )
-            return [head, data]
         prefix = OFFSET_DATA_PREFIX.pack(offset)
-        return [self.chunk_header(request, ReplyType.OFFSET_DATA, len(prefix) + size, done) + prefix, data]
+        return self.chunk_header(request, ReplyType.OFFSET_DATA, len(prefix) + size, done) + prefix
 
     def read_hole(self, request: Request, offset: int, size: int, *, done: bool) -> bytes:
         """An OFFSET_HOLE chunk: ``size`` bytes at ``offset`` read as zeroes."""

@@ -446,6 +446,17 @@ class QedImage:
         """Read bytes of this image's file (a planned data extent). Safe on any thread."""
         return self.storage.pread(length, host_offset)
 
+    def host_cached(self, host_offset: int, length: int) -> bool:
+        """Whether a planned data extent is in the page cache (a probe that never waits)."""
+        storage = self.storage
+        return isinstance(storage, FileStorage) and storage.is_cached(host_offset, length)
+
+    def send_host(self, out_fd: int, host_offset: int, length: int) -> int:
+        """Send bytes of this image's file to a non-blocking socket inside the kernel (sendfile);
+        returns how many went (the caller sends the rest): the zero-copy READ path."""
+        storage = self.storage
+        return storage.sendfile(out_fd, host_offset, length) if isinstance(storage, FileStorage) else 0
+
     def read_host_cached(self, host_offset: int, length: int) -> bytes | bytearray | None:
         """Like :meth:`read_host` if the bytes are in the page cache, else None (never waits
         for the disk), so the caller can read them on another thread instead."""

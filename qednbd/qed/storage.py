@@ -127,6 +127,36 @@ class FileStorage:
             raise _io_error(exc, "read failed") from exc
         return buf if n == length else None  # short: part uncached, or the end of the file
 
+    def is_cached(self, offset: int, length: int) -> bool:
+        """Whether the first and last byte of the range are in the page cache (a cheap probe
+        with ``RWF_NOWAIT``; readahead makes the middle follow). False where it cannot tell."""
+        if not self._nowait or length <= 0:
+            return False
+        probe = bytearray(1)
+        try:
+            return all(
+                os.preadv(self._fd, [probe], at, os.RWF_NOWAIT) == 1 for at in (offset, offset + length - 1)
+            )
+        except OSError:
+            return False
+
+    def sendfile(self, out_fd: int, offset: int, length: int) -> int:
+        """Copy up to ``length`` bytes at ``offset`` to the (non-blocking) socket ``out_fd`` inside
+        the kernel; returns how many went before the socket was full (0 if sendfile is refused)."""
+        sent = 0
+        try:
+            while sent < length:
+                n = os.sendfile(out_fd, self._fd, offset + sent, length - sent)
+                if n == 0:  # end of file: the caller sends the rest (zeros) itself
+                    break
+                sent += n
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise _io_error(exc, "sendfile failed") from exc
+        return sent
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         try:
