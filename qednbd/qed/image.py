@@ -539,7 +539,9 @@ class QedImage:
         tail_len = g.cluster_end(tail_pos) - tail_pos
         from_backing = run.kind == Kind.UNALLOCATED and self._backing is not None
         total = n * g.cluster_size
-        if total <= _COW_COMBINE_BYTES:
+        if head_pos == pos and tail_len == 0:  # whole clusters: nothing to fill, no copy to make
+            self.storage.pwrite(chunk, start)
+        elif total <= _COW_COMBINE_BYTES:
             buf = b"".join(
                 (
                     self._cow_fill(head_pos, pos - head_pos, from_backing),
