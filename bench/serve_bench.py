@@ -1,6 +1,6 @@
 """qednbd serve against qemu-nbd on fresh QED images of the same geometry, side by side (issue 5).
 
-    python bench/serve_bench.py              # the full run: 2 rounds, about 10 minutes, prints the table
+    python bench/serve_bench.py              # the full run: 2 rounds, about 5 minutes, prints the table
     python bench/serve_bench.py --quick      # a smoke run with small sizes, 1-2 minutes
     python bench/serve_bench.py --only randread_qd32,seq_read --rounds 3    # some rows (see --list)
 
@@ -30,7 +30,7 @@ The rows (S = --size-mib, T = --runtime; fio --ioengine=nbd unless said otherwis
   randwrite_qd32    4 KiB random write QD32 on allocated space (the data image), T seconds
   seq_write_alloc   sequential write 1 MiB QD8 of S MiB into a fresh (unallocated) image
   randwrite_alloc   4 KiB random write QD32 into a fresh 64 GiB image, 32 writes per MiB of S, fio's
-                    random map (no 4 KiB block twice; about 1-2 % land in a cluster allocated earlier)
+                    random map (no 4 KiB block twice; at most ~2 % land in a cluster allocated earlier)
   nbdcopy_in        nbdcopy S MiB raw file -> server, into a fresh image (no --flush: page cache speed)
   memory            peak RSS (VmHWM) of the server exporting a sparse 1 TiB image read-only (one data
                     cluster under each of --sparse-tables L2 tables) to 8 clients doing 4 KiB random
@@ -42,12 +42,15 @@ The rows (S = --size-mib, T = --runtime; fio --ioengine=nbd unless said otherwis
                     until the stream ends: p99 latency of the light reader
 
 How it is measured, per sample: wall time; the server's CPU (utime+stime of its PID, all threads,
-from /proc/PID/stat before and after) divided by GiB moved and by requests (fio's counts; connections
-for the handshake rows); the clients' CPU (getrusage of the children this script reaped); and the CPU
-the whole machine spent (/proc/stat). What neither server nor client used is other load: a sample
-with more than --noise-cores CPUs of other load on average is flagged noisy, with the busiest other
-process named, and so is a row whose rounds spread more than 15 % around the median (for one server).
-Before every sample dirty pages are written back (sync), so a sample does not pay for the last one.
+from /proc/PID/stat before and after; to the nanosecond from /proc/PID/task/*/schedstat when the two
+agree within /proc/PID/stat's 10 ms rounding, i.e. no thread exited) divided by GiB moved and by
+requests (fio's counts; connections for the handshake rows); the clients' CPU (getrusage of the
+children this script reaped); and the CPU the whole machine spent (/proc/stat). What neither server
+nor client used is other load: a sample with more than --noise-cores CPUs of other load on average is
+flagged noisy, with the busiest other process named (its own CPU in the sample, plus the lifetime CPU
+of its children that exited during the sample: a test runner's load is mostly short-lived children),
+and so is a row whose rounds spread more than 15 % around the median (for one server). Before every
+sample dirty pages are written back (sync), so a sample does not pay for the last one.
 
 Output: progress on stderr; on stdout a markdown table (README-ready), notes, and one line per target
 of issue 5: met / not met. --json FILE also writes every sample.
@@ -514,7 +517,7 @@ def targets(summaries: dict[str, Summary]) -> list[str]:
                 else:
                     value = s.cpu_ratio("gib" if quantity == "cpu_gib" else "req")
             if value is None:
-                parts.append(f"{key} {quantity}: not measured")
+                parts.append(f"{key}{'' if quantity in ('ratio', 'qednbd') else ' ' + quantity} not measured")
                 verdicts.append(None)
                 continue
             ok = {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]
@@ -522,10 +525,10 @@ def targets(summaries: dict[str, Summary]) -> list[str]:
             what = "" if quantity in ("ratio", "qednbd") else f" {quantity.replace('_', ' ')}"
             parts.append(f"{key}{what} {shown}{'' if ok else ' ✗'}")
             verdicts.append(ok)
-        if None in verdicts:
-            verdict = "not measured" if all(v is None for v in verdicts) else "partly measured"
-        else:
-            verdict = "met" if all(verdicts) else "not met"
+        if all(v is None for v in verdicts):
+            lines.append(f"- **not measured** — {label}")
+            continue
+        verdict = "partly measured" if None in verdicts else "met" if all(verdicts) else "not met"
         lines.append(f"- **{verdict}** — {label}: {', '.join(parts)}{' (noisy samples)' if noisy else ''}")
     return lines
 
@@ -652,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(list(summaries.values()))))
     print()
     print(
-        "Ratio = qednbd / qemu-nbd (✓: qednbd better); noise: other load > "
+        "Ratio = qednbd / qemu-nbd (✓: qednbd better); a request of the handshake rows is a connection; "
+        "noise: other load > "
         f"{args.noise_cores:g} CPUs during a sample, or rounds spread > {SPREAD_LIMIT:.0%}."
     )
     for key, s in summaries.items():

@@ -11,6 +11,11 @@ Theory of operation
   (FLUSH, FUA) wait for :meth:`Export.flush` in a small thread pool, and large READs read their
   planned file extents in another (:mod:`qednbd.export`), so other requests — on this connection
   and on others — go on meanwhile and their replies overtake (NBD allows any order).
+* The fast path: small replies of one received chunk are gathered and sent with one socket write;
+  large replies are written buffer by buffer (no join copy) into a 4 MiB socket buffer; cached
+  READs of 64 KiB-4 MiB are sent zero-copy (header with ``os.write``, data with sendfile) when the
+  transport has nothing queued — which is only valid on a plain socket (a TLS transport must not
+  take this path).
 * Bounds: a handshake must finish within :data:`HANDSHAKE_TIMEOUT_SECONDS`; at most
   :data:`MAX_WAITING_REPLIES` replies may wait for a flush per connection, and reading stops while
   the transport's send buffer is full (a client that does not read its replies stops being read).
