@@ -50,7 +50,17 @@ nor client used is other load: a sample with more than --noise-cores CPUs of oth
 flagged noisy, with the busiest other process named (its own CPU in the sample, plus the lifetime CPU
 of its children that exited during the sample: a test runner's load is mostly short-lived children),
 and so is a row whose rounds spread more than 15 % around the median (for one server). Before every
-sample dirty pages are written back (sync), so a sample does not pay for the last one.
+sample dirty pages are written back (sync), so a sample does not pay for the last one; each round
+starts by reading the shared files (nbdcopy's source, the data and sparse images) back into the page
+cache, which the previous round's cold row dropped.
+
+Memory that grows the page cache: a VM may hand freed memory back to its host (virtio-balloon free page
+reporting, about 2 s after the free; this one does) and fault it back in slowly: writing 1 GiB into
+the page cache ran at ~0.8 GiB/s into such memory and ~4 GiB/s into memory freed a moment before, so
+whichever server went first in an allocating-write pair lost by 2x. Before each sample that grows the
+page cache (seq_write_alloc, randwrite_alloc: 64 KiB per write, nbdcopy_in) the script therefore
+writes and deletes a scratch file of that size, so that both servers find the memory backed
+(--no-prime turns this off).
 
 Output: progress on stderr; on stdout a markdown table (README-ready), notes, and one line per target
 of issue 5: met / not met. --json FILE also writes every sample.
@@ -182,6 +192,14 @@ class Bench:
             self._main[kind] = Server(kind, image, self.work)
         return self._main[kind]
 
+    def start_round(self, r: int) -> None:
+        """Bring the shared files back into the page cache (the last round's cold row dropped them):
+        the nbdcopy source, and the sparse image whose tables the memory row reads."""
+        self.round = r
+        for path in (self.raw, self.base, self.sparse):
+            if path.exists():
+                warm_file(path)
+
     def end_round(self) -> None:
         for server in self._main.values():
             server.stop()
@@ -191,8 +209,22 @@ class Bench:
     def fresh(self, kind: str, tag: str, size: int) -> Path:
         return qemu_img_create(self.work / f"{tag}-{kind}.qed", size)
 
-    def fio_sample(self, kind: str, server: Server, options: list[str], metric: str) -> Sample:
+    def settle(self, grows_cache: int = 0) -> None:
+        """Before a sample: write back dirty pages; for a sample that grows the page cache by about
+        ``grows_cache`` bytes, first touch that much memory (a scratch file, written and deleted)."""
         os.sync()
+        if grows_cache and not self.args.no_prime:
+            scratch = self.work / "prime.tmp"
+            chunk = bytes(MIB)
+            with open(scratch, "wb") as f:
+                for _ in range(grows_cache // MIB):
+                    f.write(chunk)
+            scratch.unlink()  # dirty pages of a deleted file are dropped, not written
+
+    def fio_sample(
+        self, kind: str, server: Server, options: list[str], metric: str, grows_cache: int = 0
+    ) -> Sample:
+        self.settle(grows_cache)
         with measure([server.pid]) as use:
             result = fio(server.uri, options, self.work / "fio.json", self.args.runtime + 600)
         totals = fio_totals(fio_job(result))
@@ -249,8 +281,8 @@ def two_1m(b: Bench, kind: str) -> Sample:
     return b.fio_sample(kind, b.main_server(kind), opts, "mib")
 
 
-def _nbdcopy(b: Bench, kind: str, server: Server, src: str, dst: str) -> Sample:
-    os.sync()
+def _nbdcopy(b: Bench, kind: str, server: Server, src: str, dst: str, grows_cache: int = 0) -> Sample:
+    b.settle(grows_cache)
     with measure([server.pid]) as use:
         run(["nbdcopy", src, dst])
     return Sample(kind, b.round, b.size / use.wall / MIB, use, b.size)
@@ -299,7 +331,7 @@ def seq_write_alloc(b: Bench, kind: str) -> Sample:
     try:
         with Server(kind, image, b.work) as server:
             opts = ["--name=seq_write_alloc", "--rw=write", "--bs=1M", "--iodepth=8"]
-            return b.fio_sample(kind, server, opts, "mib")
+            return b.fio_sample(kind, server, opts, "mib", grows_cache=b.size)
     finally:
         image.unlink()
 
@@ -311,7 +343,8 @@ def randwrite_alloc(b: Bench, kind: str) -> Sample:
     try:
         with Server(kind, image, b.work) as server:
             opts = ["--name=randwrite_alloc", "--rw=randwrite", "--bs=4k", "--iodepth=32"]
-            return b.fio_sample(kind, server, [*opts, f"--io_size={writes * 4096}"], "iops")
+            opts.append(f"--io_size={writes * 4096}")
+            return b.fio_sample(kind, server, opts, "iops", grows_cache=writes * 64 * 1024)
     finally:
         image.unlink()
 
@@ -321,7 +354,7 @@ def nbdcopy_in(b: Bench, kind: str) -> Sample:
     image = b.fresh(kind, "copyin", b.size)
     try:
         with Server(kind, image, b.work) as server:
-            return _nbdcopy(b, kind, server, str(b.raw), server.uri)
+            return _nbdcopy(b, kind, server, str(b.raw), server.uri, grows_cache=b.size)
     finally:
         image.unlink()
 
@@ -581,6 +614,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="flag a sample when other processes kept more CPUs than this busy on average",
     )
     ap.add_argument(
+        "--no-prime",
+        action="store_true",
+        help="do not touch memory before the samples that grow the page cache (see above)",
+    )
+    ap.add_argument(
         "--dir", type=Path, help="work directory (default: a new one under $TMPDIR, removed after)"
     )
     ap.add_argument("--json", type=Path, help="also write every sample here")
@@ -618,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.prepare(keys)
         for r in range(args.rounds):
-            bench.round = r
+            bench.start_round(r)
             order = KINDS if r % 2 == 0 else tuple(reversed(KINDS))
             try:
                 for key in keys:
