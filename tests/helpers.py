@@ -141,3 +141,13 @@ def digest(path: StrPath) -> str:
                 left -= len(block)
             pos = end
     return h.hexdigest()
+
+
+def evict_page_cache(path: StrPath) -> None:
+    """Write back and drop a file's pages from the page cache, so the next read goes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

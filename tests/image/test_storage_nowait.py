@@ -9,26 +9,18 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import evict_page_cache
 
 from qednbd.qed.storage import FileStorage
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no RWF_NOWAIT on this platform")
 
 
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_cached_bytes_come_back_uncached_ones_do_not(tmp_path: Path) -> None:
     path = tmp_path / "f"
     data = os.urandom(1 << 20)
     path.write_bytes(data)
-    evict(path)
+    evict_page_cache(path)
     storage = FileStorage(str(path), read_only=True)
     try:
         assert storage.pread_nowait(65536, 0) is None  # evicted: would wait for the disk

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import qemu_img, run
+from helpers import evict_page_cache, qemu_img, run
 
 CHECK = r"""
 import json, sys, nbd
@@ -22,15 +22,6 @@ with open(raw, "rb") as f:
             sys.exit(f"wrong data at {pos}+{length}")
 print("ok", len(ranges))
 """
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.interop
@@ -49,6 +40,6 @@ def test_cold_and_warm_reads(tmp_path: Path, nbd_server) -> None:  # type: ignor
     ranges += [(3 << 20, 1 << 20), (11 << 20, 2 << 20), (0, 8 << 20)]  # large: inline and on a worker
     ranges = [(pos, min(length, (16 << 20) - pos)) for pos, length in ranges]
     for _ in range(2):  # cold, then warm
-        evict(image)
+        evict_page_cache(image)
         out = run(["/usr/bin/python3", "-c", CHECK, server.uri(), str(raw), json.dumps(ranges)]).stdout
         assert out.split() == ["ok", str(len(ranges))]
