@@ -246,13 +246,11 @@ class Export:
             return [*replies.read_data(request, pos, buf, done=False), replies.done(request)]
         out: list[Buffer] = []
         merged: list[ReadPiece] = []  # neighbouring zero pieces become one OFFSET_HOLE chunk
-        for piece in plan if len(plan) > 1 else ():
+        for piece in plan:
             if merged and piece.is_zero and merged[-1].is_zero:
                 merged[-1] = ReadPiece(merged[-1].offset, merged[-1].length + piece.length)
             else:
                 merged.append(piece)
-        if not merged:
-            merged = plan
         last = len(merged) - 1
         for i, piece in enumerate(merged):
             if piece.is_zero:

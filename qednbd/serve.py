@@ -40,7 +40,7 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
             try:
                 image = QedImage.open(ec.path, read_only=ec.read_only)
             except QednbdError as exc:
-                raise _named(ec.path, exc) from None
+                raise ConfigError(f"{ec.path}: {exc}") from None
             except OSError as exc:
                 raise ConfigError(f"{ec.path}: {exc.strerror or exc}") from None
             if image.opened_dirty and ec.read_only:
@@ -51,10 +51,6 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
             export.close()
         raise
     return server.ExportSet(opened, conf.default_export)
-
-
-def _named(path: str, exc: QednbdError) -> ConfigError:
-    return ConfigError(f"{path}: {exc}")
 
 
 def serve(conf: ServerConfig, fds: Sequence[int]) -> int:

@@ -211,12 +211,11 @@ class Connection(asyncio.Protocol):
             self._abort()
 
     def eof_received(self) -> bool:
-        self.data_received_eof()
+        if not self._closing:
+            self._end_of_input()
         return True  # we close once the waiting replies are out
 
-    def data_received_eof(self) -> None:
-        if self._closing:
-            return
+    def _end_of_input(self) -> None:
         if self._handshake is not None:
             self._handshake.receive_data(b"")
             self._advance_handshake()

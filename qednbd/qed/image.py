@@ -420,6 +420,8 @@ class QedImage:
         never changes while the image is open: nothing is freed or moved).
         """
         self._check_range(pos, length)
+        if length == 0:
+            return []
         backing = self._backing
         g = self.geometry
         within = pos & g.cluster_mask
@@ -460,8 +462,8 @@ class QedImage:
     def read_host_cached(self, host_offset: int, length: int) -> bytes | bytearray | None:
         """Like :meth:`read_host` if the bytes are in the page cache, else None (never waits
         for the disk), so the caller can read them on another thread instead."""
-        nowait = getattr(self.storage, "pread_nowait", None)
-        return None if nowait is None else nowait(length, host_offset)
+        storage = self.storage
+        return storage.pread_nowait(length, host_offset) if isinstance(storage, FileStorage) else None
 
     def _check_range(self, pos: int, length: int) -> None:
         if pos < 0 or length < 0 or pos + length > self.header.image_size:
@@ -480,18 +482,16 @@ class QedImage:
         return data if n == length else data + bytes(length - n)
 
     def read(self, pos: int, length: int) -> bytes:
-        self._check_range(pos, length)
-        parts: list[bytes] = []
-        end = pos + length
-        while pos < end:
-            run = self._find_run(pos, end - pos)
-            if run.kind == Kind.DATA:
-                parts.append(self.storage.pread(run.length, run.host_offset))
-            elif run.kind == Kind.ZERO:
-                parts.append(bytes(run.length))
-            else:
-                parts.append(self._read_backing(pos, run.length))
-            pos += run.length
+        """Guest bytes [pos, pos+length): the read plan, carried out on this thread."""
+        plan = self.read_plan(pos, length)
+        parts = [
+            self.read_host(p.host_offset, p.length)
+            if p.host_offset is not None
+            else p.data
+            if p.data is not None
+            else bytes(p.length)
+            for p in plan
+        ]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # -- writing ---------------------------------------------------------------------
