@@ -207,6 +207,20 @@ class Export:
             return False
         return all(e.kind != Kind.DATA for e in self.image.block_status(request.offset, request.length))
 
+    def read_inline(self, request: Request, replies: ReplyEncoder) -> list[Buffer] | None:
+        """The reply to a small READ of one cached data cluster, or None: then :meth:`handle`
+        it (holes, several clusters, uncached data, zero-copy sizes, errors)."""
+        length = request.length
+        if length >= ZERO_COPY_BYTES:
+            return None
+        try:
+            data = self.image.read_cached(request.offset, length)
+        except (ImageError, OSError):
+            return None  # handle() meets the same error and answers it
+        if data is None:
+            return None
+        return [replies.data_header(request, request.offset, length, done=True), data]
+
     def _read(self, request: Request, replies: ReplyEncoder) -> Reply:
         plan = self.image.read_plan(request.offset, request.length)
         host_bytes = 0

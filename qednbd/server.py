@@ -99,6 +99,7 @@ SHUTDOWN_GRACE_SECONDS: Final = 10.0
 SD_LISTEN_FDS_START: Final = 3
 
 
+_READ: Final = int(Command.READ)
 _CHANGES_DATA: Final = frozenset(int(c) for c in (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM))
 
 
@@ -308,16 +309,19 @@ class Connection(asyncio.Protocol):
                     batch, batch_bytes = [], 0
                     continue
                 event = t.next_event()
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, ProtocolViolation):
-                    log.warning("%s: %s; closing the connection", self._peer, event.reason)
-                    self._closing = True
-                    break
-                if isinstance(event, EndOfStream):
-                    self._closing = True
-                    break
-                assert isinstance(event, Request)
+                if type(event) is not Request:
+                    if isinstance(event, ProtocolViolation):
+                        log.warning("%s: %s; closing the connection", self._peer, event.reason)
+                        self._closing = True
+                    elif isinstance(event, EndOfStream):
+                        self._closing = True
+                    break  # or NEED_DATA
+                if event.command == _READ and not event.error and not self._stopping:
+                    inline = export.read_inline(event, replies)  # the fast path: small cached READs
+                    if inline is not None:
+                        batch += inline
+                        batch_bytes += event.length
+                        continue
                 if event.error:
                     error = replies.error(event, event.error, event.message)
                     batch.append(error)

@@ -236,6 +236,7 @@ class Transmission:
             Command.BLOCK_STATUS: fua | CommandFlag.REQ_ONE,
         }
         self._valid_flags: dict[int, int] = {int(c): int(f) for c, f in valid_flags.items()}
+        self._read_flags = self._valid_flags[_READ]
         self._state = TransmissionState.HEADER
         self._buf = bytearray()
         self._pos = 0  # consumed bytes at the front of _buf
@@ -329,6 +330,14 @@ class Transmission:
         self._pos += self._header.size
         if magic != self._magic:
             return self._violation(f"bad request magic 0x{magic:08x} (expected 0x{self._magic:08x})")
+        if (  # the common case, a valid READ, without the general checks below (state stays HEADER)
+            command == _READ
+            and not flags & ~self._read_flags
+            and 0 < length <= self._max_request
+            and offset + length <= self._size
+            and not (offset | length) % self._alignment
+        ):
+            return Request(cookie, command, flags, offset, length)
         if command == _DISC:
             self._advance(_Step.CLOSE)
             return Request(cookie, command, flags, offset, length)

@@ -146,7 +146,8 @@ class QedImage:
         fmt.validate_header(header, file_length)
         self.header = header
         self.geometry = Geometry.of(header.cluster_size, header.table_size, header.header_size)
-        self.file_size = fmt.usable_file_size(file_length, header.cluster_size)
+        self._valid_tables: set[int] = set()  # L2 offsets already checked (cleared if the file shrinks)
+        self._file_size = fmt.usable_file_size(file_length, header.cluster_size)
         self.backing_name = self._read_backing_name()
         n_l1 = self.geometry.l1_entries_for(header.image_size)
         l1_bytes = -(-n_l1 // 64) * 512
@@ -170,6 +171,17 @@ class QedImage:
             )
         if recover and self.opened_dirty and not self.read_only:
             self._recover()
+
+    @property
+    def file_size(self) -> int:
+        """Where the next cluster is allocated: the end of the usable file."""
+        return self._file_size
+
+    @file_size.setter
+    def file_size(self, value: int) -> None:
+        if value < self._file_size:  # a repair truncated the file: offsets must be checked again
+            self._valid_tables.clear()
+        self._file_size = value
 
     def _recover(self) -> None:
         """A read-write open of a dirty image: check and repair first (QEMU does too)."""
@@ -331,8 +343,10 @@ class QedImage:
         l2_offset = self.l1.entries[pos >> g.l1_shift]
         if l2_offset == UNALLOCATED:
             return UNALLOCATED
-        if not fmt.table_offset_valid(l2_offset, self.header, self.file_size):
-            raise self._bad_offset("L2 table", l2_offset, pos)
+        if l2_offset not in self._valid_tables:
+            if not fmt.table_offset_valid(l2_offset, self.header, self.file_size):
+                raise self._bad_offset("L2 table", l2_offset, pos)
+            self._valid_tables.add(l2_offset)
         index = (pos >> g.cluster_bits) & g.l2_mask
         page_entries = self.l2.page_entries
         entry = self.l2.page(l2_offset, index // page_entries)[index % page_entries]
@@ -443,6 +457,22 @@ class QedImage:
                     ReadPiece(ext.offset, ext.length, data=self._read_backing(ext.offset, ext.length))
                 )
         return plan
+
+    def read_cached(self, pos: int, length: int) -> bytes | bytearray | None:
+        """[pos, pos+length) if it lies in one data cluster of this image and the page cache holds
+        it, else None (then :meth:`read_plan` says how to produce it). The small-READ fast path:
+        one table lookup and one ``preadv(RWF_NOWAIT)``, no plan."""
+        g = self.geometry
+        within = pos & g.cluster_mask
+        if within + length > g.cluster_size or length <= 0 or pos < 0:
+            return None
+        if pos + length > self.header.image_size:
+            return None
+        entry = self._entry_at(pos)
+        if entry <= ZERO_CLUSTER:
+            return None
+        storage = self.storage
+        return storage.pread_nowait(length, entry + within) if isinstance(storage, FileStorage) else None
 
     def read_host(self, host_offset: int, length: int) -> bytes:
         """Read bytes of this image's file (a planned data extent). Safe on any thread."""

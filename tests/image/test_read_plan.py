@@ -1,5 +1,6 @@
-"""QedImage.read_plan (what the server reads with) gives exactly what QedImage.read gives, and fails
-where it fails: one-cluster fast path and the extent walk, with and without a backing file."""
+"""QedImage.read_plan and read_cached (what the server reads with) give exactly what QedImage.read
+gives, and fail where it fails: one-cluster fast paths and the extent walk, with and without a
+backing file."""
 
 from __future__ import annotations
 
@@ -67,7 +68,14 @@ def test_plan_reads_what_read_reads(tmp_path: Path, backing: str | None, cluster
     with QedImage.open(str(image), read_only=True) as img:
         for pos, length in ranges(size, cs, seed=len(str(backing)) + cs):
             plan = img.read_plan(pos, length)
-            assert materialize(img, plan, pos, length) == img.read(pos, length), (pos, length)
+            expected = img.read(pos, length)
+            assert materialize(img, plan, pos, length) == expected, (pos, length)
+            cached = img.read_cached(pos, length)  # img.read just brought it into the page cache
+            one_extent = len(plan) == 1 and plan[0].host_offset is not None
+            if one_extent and pos // cs == (pos + length - 1) // cs:
+                assert cached == expected, (pos, length)
+            else:  # holes, zero clusters, backing data, several clusters: the general path
+                assert cached is None, (pos, length)
 
 
 @pytest.mark.parametrize("name", ["l2-past-eof.qed", "l2-unaligned.qed"])
@@ -81,6 +89,28 @@ def test_plan_fails_where_read_fails(tmp_path: Path, name: str) -> None:
             with pytest.raises(ImageError) as via_plan:
                 img.read_plan(pos, length)
             assert via_read.value.errno == via_plan.value.errno == errno.EIO
+            if pos // 4096 == (pos + length - 1) // 4096:
+                with pytest.raises(ImageError) as via_cached:
+                    img.read_cached(pos, length)
+                assert via_cached.value.errno == errno.EIO
         with pytest.raises(ImageError) as outside:
             img.read_plan(img.size - 1, 2)
         assert outside.value.errno == errno.EINVAL
+        assert img.read_cached(img.size - 1, 2) is None
+
+
+def test_table_checks_come_back_when_the_file_shrinks(tmp_path: Path) -> None:
+    """Lookups skip re-checking an L2 offset already found valid; a truncation (repair) must
+    make them check again, or a table past the new end of file would be read as valid."""
+    path = tmp_path / "t.qed"
+    qemu_img("create", "-f", "qed", "-o", "cluster_size=4k", path, "8M")
+    qemu_io(path, "write -P 0x5a 0 4k")
+    with QedImage.open(str(path)) as img:
+        assert img.read_cached(0, 4096) == b"\x5a" * 4096
+        size = img.file_size
+        l2_offset = img.l1.entries[0]  # QEMU put the data cluster first, then the L2 table
+        img.file_size = l2_offset  # as Repair.truncate_phase does: the data cluster stays inside
+        with pytest.raises(ImageError) as after:
+            img.read_cached(0, 4096)
+        assert after.value.errno == errno.EIO
+        img.file_size = size
