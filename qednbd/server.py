@@ -16,6 +16,9 @@ Theory of operation
   READs of 64 KiB-4 MiB are sent zero-copy (header with ``os.write``, data with sendfile) when the
   transport has nothing queued — which is only valid on a plain socket (a TLS transport must not
   take this path).
+* Latency: after a wake-up that brought one small request, the loop's selector spins briefly
+  before it sleeps again (:mod:`qednbd.loop`), so a QD1 client's next request does not pay for
+  waking the server; :func:`serve_forever` runs on that selector.
 * Bounds: a handshake must finish within :data:`HANDSHAKE_TIMEOUT_SECONDS`; at most
   :data:`MAX_WAITING_REPLIES` replies may wait for a flush per connection, and reading stops while
   the transport's send buffer is full (a client that does not read its replies stops being read).
@@ -49,6 +52,7 @@ from typing import Final
 from qednbd.config import ServerConfig
 from qednbd.errors import QednbdError
 from qednbd.export import Export, ZeroCopy
+from qednbd.loop import SpinningSelector
 from qednbd.nbd.constants import Command, Errno
 from qednbd.nbd.handshake import (
     NEED_DATA,
@@ -108,6 +112,10 @@ def _write_large(transport: asyncio.Transport, buffers: list[Buffer]) -> None:
     the whole payload); ``write`` hands each to the socket directly when nothing is queued."""
     for buffer in buffers:
         transport.write(buffer)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _flush_then(flush: Callable[[], None], buffers: list[Buffer]) -> list[Buffer]:
@@ -302,6 +310,8 @@ class Connection(asyncio.Protocol):
         replies = t.replies
         batch: list[Buffer] = []  # small replies, sent with one socket write
         batch_bytes = 0
+        answered = 0
+        last_length = 0
         try:
             while not self._pause_reasons and not self._closing:
                 if batch_bytes >= MAX_BATCH_BYTES:
@@ -316,6 +326,8 @@ class Connection(asyncio.Protocol):
                     elif isinstance(event, EndOfStream):
                         self._closing = True
                     break  # or NEED_DATA
+                answered += 1
+                last_length = event.length
                 if event.command == _READ and not event.error and not self._stopping:
                     inline = export.read_inline(event, replies)  # the fast path: small cached READs
                     if inline is not None:
@@ -377,6 +389,8 @@ class Connection(asyncio.Protocol):
                 transport.writelines(batch)
         if self._closing:
             self._finish()
+        elif answered == 1 and last_length < BATCH_REPLY_BYTES:
+            self._server.expect_soon()  # a lone small request: its client may be latency-bound
 
     def _send_zero_copy(self, export: Export, zc: ZeroCopy) -> None:
         """Header, then the file bytes with sendfile, straight to the socket when nothing is queued
@@ -506,7 +520,9 @@ class Connection(asyncio.Protocol):
 class Server:
     """Listeners and connections over one :class:`ExportSet`."""
 
-    def __init__(self, exports: ExportSet, *, max_clients: int = 0) -> None:
+    def __init__(
+        self, exports: ExportSet, *, max_clients: int = 0, expect_soon: Callable[[], None] = _nothing
+    ) -> None:
         self.exports = exports
         self.max_clients = max_clients
         self.loop = asyncio.get_running_loop()
@@ -521,6 +537,7 @@ class Server:
         self._unix_paths: list[str] = []
         self._idle_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.expect_soon = expect_soon  # a lone small request was answered (see qednbd.loop)
 
     def serving_count(self) -> int:
         return sum(1 for conn in self.connections if not conn.refused)
@@ -631,10 +648,11 @@ async def run(
     conf: ServerConfig,
     inherited_fds: Sequence[int],
     on_ready: Callable[[list[str]], None],
+    expect_soon: Callable[[], None] = _nothing,
 ) -> int:
     """Listen where ``conf`` says (or on the inherited sockets), report the addresses through
     ``on_ready``, serve until a signal; returns the exit code."""
-    server = Server(exports, max_clients=conf.max_clients)
+    server = Server(exports, max_clients=conf.max_clients, expect_soon=expect_soon)
     try:
         if inherited_fds:
             uris = await server.listen_inherited(inherited_fds)
@@ -664,4 +682,6 @@ def serve_forever(
     on_ready: Callable[[list[str]], None],
 ) -> int:
     """Run :func:`run` on a new event loop (the CLI's entry point; it owns no loop itself)."""
-    return asyncio.run(run(exports, conf, inherited_fds, on_ready))
+    selector = SpinningSelector()
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        return runner.run(run(exports, conf, inherited_fds, on_ready, selector.spin_next))
