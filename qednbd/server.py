@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 * One process, one event loop. Each accepted socket gets a :class:`Connection` (an
-  ``asyncio.Protocol``) that feeds what it reads to the sans-I/O machines — first
+  ``asyncio.BufferedProtocol``) that feeds what it reads to the sans-I/O machines — first
   :class:`~qednbd.nbd.handshake.ServerHandshake`, then :class:`~qednbd.nbd.transmission.Transmission`
-  — and parses every request a received chunk completes before it returns to the loop.
+  — and parses every request a received chunk completes before it returns to the loop. Bytes
+  are received into one scratch buffer shared by all connections, except the rest of a large
+  WRITE payload, which is received straight into the payload (no copy in Python).
 * Requests are answered by :meth:`qednbd.export.Export.handle` inline, on the loop thread, in
   arrival order; the image is touched by that one thread only. Replies that need stable storage
   (FLUSH, FUA) wait for :meth:`Export.flush` in a small thread pool, and large READs read their
@@ -95,6 +97,10 @@ SHUTDOWN_QUIET_SECONDS: Final = 0.5
 # Socket send buffer: a 1 MiB READ reply then usually leaves in one send, without asyncio
 # copying the unsent rest into its own buffer.
 SEND_BUFFER_BYTES: Final = 4 * 1024 * 1024
+# One receive takes at most this much (what asyncio's own data_received path takes).
+RECEIVE_BUFFER_BYTES: Final = 256 * 1024
+# A WRITE payload with at least this much still to come is received straight into its buffer.
+DIRECT_PAYLOAD_BYTES: Final = 64 * 1024
 # How often the dirty bit's idle timer is checked; the bit clears 5-6 s after the last allocation.
 IDLE_POLL_SECONDS: Final = 1.0
 # How long a shutdown waits for clients to take their last replies before it drops them.
@@ -151,7 +157,7 @@ class ExportSet:
                 log.error("closing export %r failed: %s", export.name, exc)
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One client. See the module docstring."""
 
     def __init__(self, server: Server) -> None:
@@ -174,6 +180,7 @@ class Connection(asyncio.Protocol):
         self._waiting_bytes = 0  # READ reply bytes being produced by workers
         self._unflushed = False  # this client changed data since its last FLUSH (flushed at DISC)
         self._sock_fd = -1  # for sendfile
+        self._direct = False  # the last get_buffer returned a WRITE payload's own buffer
         self.closed = asyncio.get_running_loop().create_future()
 
     # --- asyncio callbacks --------------------------------------------------------------------
@@ -203,17 +210,34 @@ class Connection(asyncio.Protocol):
         self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT_SECONDS, self._handshake_timeout)
         transport.write(self._handshake.data_to_send())
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the next receive goes: straight into a large WRITE payload when one is arriving
+        (no copies in Python), else the server's scratch buffer, consumed by
+        :meth:`buffer_updated` before the loop reads anything else."""
+        t = self._transmission
+        if t is not None and not self._closing:
+            direct = t.payload_buffer(DIRECT_PAYLOAD_BYTES)
+            if direct is not None:
+                self._direct = True
+                return direct
+        self._direct = False
+        return self._server.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
         if self._stopping:
             self._arm_quiet_timer()
         try:
-            if self._handshake is not None:
-                self._handshake.receive_data(data)
+            if self._direct:
+                assert self._transmission is not None
+                self._transmission.payload_received(nbytes)
+                self._serve()
+            elif self._handshake is not None:
+                self._handshake.receive_data(self._server.scratch[:nbytes])
                 self._advance_handshake()
             elif self._transmission is not None:
-                self._transmission.receive_data(data)
+                self._transmission.receive_data(self._server.scratch[:nbytes])
                 self._serve()
         except Exception:
             log.exception("%s: internal error; closing the connection", self._peer)
@@ -356,6 +380,8 @@ class Connection(asyncio.Protocol):
                     self._unflushed = False
                 try:
                     reply = export.handle(event, replies, self._contexts)
+                    if event.payload is not None:  # written: its buffer can take the next one
+                        t.recycle(event.payload)
                 except Exception:
                     log.exception("%s: %s failed unexpectedly", self._peer, command_name(event.command))
                     self._server.internal_errors += 1
@@ -537,6 +563,9 @@ class Server:
         self._unix_paths: list[str] = []
         self._idle_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        # Every connection receives into this one buffer: the loop thread hands what one receive
+        # brought to that connection's parser, which copies it, before it receives anything else.
+        self.scratch = memoryview(bytearray(RECEIVE_BUFFER_BYTES))
         self.expect_soon = expect_soon  # a lone small request was answered (see qednbd.loop)
 
     def serving_count(self) -> int:

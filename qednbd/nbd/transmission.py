@@ -75,6 +75,8 @@ MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 # than this is broken or hostile: close rather than read on (nbdkit uses the same factor).
 MAX_SKIPPED_PAYLOAD_BYTES: Final = 2 * MAX_REQUEST_BYTES
 # Consumed input is dropped from the receive buffer once this much has piled up in front.
+# The largest payload buffer kept for reuse (one per connection).
+MAX_SPARE_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 _COMPACT_AFTER_BYTES: Final = 64 * 1024
 
 Buffer = bytes | bytearray | memoryview
@@ -246,6 +248,7 @@ class Transmission:
         self._payload_length = 0
         self._payload_filled = 0
         self._skip_remaining = 0
+        self._spare: bytearray | None = None  # a payload buffer given back by recycle()
 
     # --- the server's interface ---------------------------------------------------------------
 
@@ -275,6 +278,39 @@ class Transmission:
                 view = view[taken:]
         if view:
             self._buf += view
+
+    def payload_buffer(self, min_bytes: int) -> memoryview | None:
+        """Where the rest of the current WRITE payload can be received directly (no copies), if
+        that is at least ``min_bytes`` and nothing else is buffered; else None. Report what was
+        put there with :meth:`payload_received`; :meth:`next_event` then returns the request."""
+        if self._state is not TransmissionState.PAYLOAD or self._pos != len(self._buf):
+            return None
+        if self._payload_length - self._payload_filled < min_bytes:
+            return None
+        if self._payload is None:
+            self._payload = self._new_payload()
+        return memoryview(self._payload)[self._payload_filled :]
+
+    def payload_received(self, n: int) -> None:
+        """``n`` bytes were written into the buffer :meth:`payload_buffer` returned."""
+        if self._state is not TransmissionState.PAYLOAD or self._payload is None:
+            raise StateError("payload_received without a payload buffer")
+        if not 0 <= n <= self._payload_length - self._payload_filled:
+            raise ValueError(f"{n} bytes do not fit the payload")
+        self._payload_filled += n
+
+    def recycle(self, payload: Buffer) -> None:
+        """The caller is done with a WRITE payload this connection produced: its buffer may
+        receive a later payload of the same size (a stream of equal WRITEs then allocates no
+        memory; fresh large buffers cost page faults on every request)."""
+        if type(payload) is bytearray and len(payload) <= MAX_SPARE_PAYLOAD_BYTES:
+            self._spare = payload
+
+    def _new_payload(self) -> bytearray:
+        spare, self._spare = self._spare, None
+        if spare is not None and len(spare) == self._payload_length:
+            return spare
+        return bytearray(self._payload_length)
 
     def next_event(self) -> TransmissionEvent:
         """The next complete request, :data:`NEED_DATA`, or a terminal event."""
@@ -371,7 +407,7 @@ class Transmission:
             self._pos += needed
         else:
             if self._payload is None:
-                self._payload = bytearray(self._payload_length)
+                self._payload = self._new_payload()
             taken = min(needed, available)
             end = self._payload_filled + taken
             self._payload[self._payload_filled : end] = memoryview(self._buf)[self._pos : self._pos + taken]

@@ -522,3 +522,73 @@ def test_reply_argument_checks():
             bad()
     with pytest.raises(ValueError):
         enc.read_data(REQ, 0, b"", done=True)
+
+
+# --- receiving a payload in place (the server's zero-copy WRITE path) ---------------------------
+
+
+def test_payload_received_in_place_in_steps() -> None:
+    t = Transmission(make_ready())
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    t.receive_data(req(WRITE, 4096, len(payload), cookie=5) + payload[:1000])
+    assert t.next_event() is NEED_DATA
+    assert t.payload_buffer(len(payload)) is None  # less than that is still to come
+    buf = t.payload_buffer(65536)
+    assert buf is not None and len(buf) == len(payload) - 1000
+    buf[:5000] = payload[1000:6000]
+    t.payload_received(5000)
+    assert t.next_event() is NEED_DATA
+    buf = t.payload_buffer(1)
+    assert buf is not None and len(buf) == len(payload) - 6000
+    buf[:] = payload[6000:]
+    t.payload_received(len(buf))
+    event = t.next_event()
+    assert isinstance(event, Request) and event.cookie == 5 and event.error == 0
+    assert bytes(event.payload) == payload
+    assert t.payload_buffer(1) is None  # between requests: nothing to receive in place
+    t.receive_data(req(READ, 0, 512, cookie=6))
+    event = t.next_event()
+    assert isinstance(event, Request) and (event.command, event.cookie) == (READ, 6)
+
+
+def test_no_payload_buffer_while_bytes_are_buffered_or_outside_a_payload() -> None:
+    t = Transmission(make_ready())
+    assert t.payload_buffer(1) is None
+    with pytest.raises(StateError):
+        t.payload_received(1)
+    t.receive_data(req(WRITE, 0, 512, cookie=1) + b"x" * 100)
+    # Not yet parsed: the header and part of the payload sit in the buffer.
+    assert t.payload_buffer(1) is None
+    assert t.next_event() is NEED_DATA
+    buf = t.payload_buffer(1)
+    assert buf is not None and len(buf) == 412
+    with pytest.raises(ValueError):
+        t.payload_received(413)
+
+
+def test_a_recycled_payload_buffer_takes_the_next_payload_of_its_size() -> None:
+    t = Transmission(make_ready())
+    first, second = b"a" * 100_000, b"b" * 100_000
+    t.receive_data(req(WRITE, 0, len(first), cookie=1))
+    assert t.next_event() is NEED_DATA
+    buf = t.payload_buffer(1)
+    assert buf is not None
+    buf[:] = first
+    t.payload_received(len(first))
+    one = t.next_event()
+    assert isinstance(one, Request) and one.payload == first
+    t.recycle(one.payload)
+    t.receive_data(req(WRITE, 0, len(second), cookie=2))
+    assert t.next_event() is NEED_DATA
+    buf = t.payload_buffer(1)
+    assert buf is not None and buf.obj is one.payload  # the same memory, no new allocation
+    buf[:] = second
+    t.payload_received(len(second))
+    two = t.next_event()
+    assert isinstance(two, Request) and two.payload is one.payload and two.payload == second
+    t.recycle(two.payload)
+    t.receive_data(req(WRITE, 0, 512, cookie=3))  # another size: a new buffer
+    assert t.next_event() is NEED_DATA
+    buf = t.payload_buffer(1)
+    assert buf is not None and buf.obj is not one.payload and len(buf) == 512
+    t.recycle(b"bytes are never reused")  # only bytearrays this connection made
