@@ -199,9 +199,13 @@ class Server:
                 ["-b", "127.0.0.1", "-p", str(_free_port())] if tcp else ["-k", str(workdir / f"s{n}.sock")]
             )
             cmd = ["qemu-nbd", "-f", "qed", "-t", "-e", "0", *where]
+        elif kind == "floor":  # bench/handshake_floor.py: canned handshake replies, no image
+            where = ["-k", str(workdir / f"s{n}.sock")]
+            cmd = [sys.executable, str(REPO / "bench" / "handshake_floor.py"), "--serve", where[1]]
         else:
             raise ValueError(kind)
-        cmd += [*(["-r"] if read_only else []), str(image)]
+        if kind != "floor":
+            cmd += [*(["-r"] if read_only else []), str(image)]
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         )

@@ -342,6 +342,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qednbd import config as cfg
     from qednbd import serve
 
+    # Records need neither the process nor the thread: not looking them up saves ~5 us a line.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging.basicConfig(format="qednbd: %(message)s", level=logging.INFO, stream=sys.stderr)
     conf = cfg.build(
         cfg.CommandLine(

@@ -35,6 +35,7 @@ Theory of operation
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
@@ -187,6 +188,39 @@ _TRANSITIONS: Final[dict[tuple[TransmissionState, _Step], TransmissionState]] = 
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _command_rules(
+    transmission_flags: int, extended: bool, has_contexts: bool
+) -> tuple[frozenset[int], dict[int, int]]:
+    """The commands a connection may send and the flags each may carry, by what was negotiated
+    (cached: every connection to an export usually negotiates the same)."""
+    flags = TransmissionFlag(transmission_flags)
+    enabled = {_READ, _WRITE}
+    for flag, command in (
+        (TransmissionFlag.SEND_FLUSH, Command.FLUSH),
+        (TransmissionFlag.SEND_TRIM, Command.TRIM),
+        (TransmissionFlag.SEND_WRITE_ZEROES, Command.WRITE_ZEROES),
+        (TransmissionFlag.SEND_CACHE, Command.CACHE),
+    ):
+        if flags & flag:
+            enabled.add(int(command))
+    if has_contexts:
+        enabled.add(int(Command.BLOCK_STATUS))
+    fua = int(CommandFlag.FUA)  # plain ints: ~IntFlag would hide undefined bits
+    valid_flags = {
+        Command.READ: fua | (CommandFlag.DF if flags & TransmissionFlag.SEND_DF else 0),
+        Command.WRITE: fua | (CommandFlag.PAYLOAD_LEN if extended else 0),
+        Command.FLUSH: fua,
+        Command.TRIM: fua,
+        Command.CACHE: fua,
+        Command.WRITE_ZEROES: fua
+        | CommandFlag.NO_HOLE
+        | (CommandFlag.FAST_ZERO if flags & TransmissionFlag.SEND_FAST_ZERO else 0),
+        Command.BLOCK_STATUS: fua | CommandFlag.REQ_ONE,
+    }
+    return frozenset(enabled), {int(c): int(f) for c, f in valid_flags.items()}
+
+
 class Transmission:
     """Request framing for one connection after the handshake. See the module docstring."""
 
@@ -198,9 +232,8 @@ class Transmission:
         max_skipped_payload_bytes: int = MAX_SKIPPED_PAYLOAD_BYTES,
     ) -> None:
         negotiated = ready.negotiated
-        flags = TransmissionFlag(ready.transmission_flags)
         self._size = ready.export.size
-        self._read_only = bool(flags & TransmissionFlag.READ_ONLY)
+        self._read_only = bool(ready.transmission_flags & TransmissionFlag.READ_ONLY)
         self._alignment = ready.export.min_block_size if negotiated.block_size_requested else 1
         self._max_request = max_request_bytes
         self._max_skip = max_skipped_payload_bytes
@@ -214,30 +247,9 @@ class Transmission:
         else:
             mode = ReplyMode.SIMPLE
         self.replies = ReplyEncoder(mode)
-        self._enabled = {_READ, _WRITE}
-        for flag, command in (
-            (TransmissionFlag.SEND_FLUSH, Command.FLUSH),
-            (TransmissionFlag.SEND_TRIM, Command.TRIM),
-            (TransmissionFlag.SEND_WRITE_ZEROES, Command.WRITE_ZEROES),
-            (TransmissionFlag.SEND_CACHE, Command.CACHE),
-        ):
-            if flags & flag:
-                self._enabled.add(int(command))
-        if negotiated.meta_contexts:
-            self._enabled.add(int(Command.BLOCK_STATUS))
-        fua = int(CommandFlag.FUA)  # plain ints: ~IntFlag would hide undefined bits
-        valid_flags = {
-            Command.READ: fua | (CommandFlag.DF if flags & TransmissionFlag.SEND_DF else 0),
-            Command.WRITE: fua | (CommandFlag.PAYLOAD_LEN if self._extended else 0),
-            Command.FLUSH: fua,
-            Command.TRIM: fua,
-            Command.CACHE: fua,
-            Command.WRITE_ZEROES: fua
-            | CommandFlag.NO_HOLE
-            | (CommandFlag.FAST_ZERO if flags & TransmissionFlag.SEND_FAST_ZERO else 0),
-            Command.BLOCK_STATUS: fua | CommandFlag.REQ_ONE,
-        }
-        self._valid_flags: dict[int, int] = {int(c): int(f) for c, f in valid_flags.items()}
+        self._enabled, self._valid_flags = _command_rules(
+            ready.transmission_flags, self._extended, bool(negotiated.meta_contexts)
+        )
         self._read_flags = self._valid_flags[_READ]
         self._state = TransmissionState.HEADER
         self._buf = bytearray()

@@ -77,3 +77,19 @@ def test_serve_bench_quick_run_prints_the_table(tmp_path: Path) -> None:
     for key, values in recorded.items():
         assert sorted(s["kind"] for s in values) == ["qednbd", "qednbd", "qemu-nbd", "qemu-nbd"], key
     assert not list((tmp_path / "work").glob("*.sock")), "servers left running"
+
+
+def test_handshake_floor_compares_three_servers() -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/handshake_floor.py", "--rounds=1", "--handshakes=10"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(
+        rf"^  (floor|qednbd|qemu-nbd) +({NUMBER}) µs/conn +server CPU +({NUMBER}) µs/conn$", proc.stdout, re.M
+    )
+    assert [r[0] for r in rows] == ["floor", "qednbd", "qemu-nbd"], proc.stdout
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows)
