@@ -219,7 +219,7 @@ class Export:
             return None  # handle() meets the same error and answers it
         if data is None:
             return None
-        return [replies.data_header(request, request.offset, length, done=True), data]
+        return [replies.read_header(request), data]
 
     def _read(self, request: Request, replies: ReplyEncoder) -> Reply:
         plan = self.image.read_plan(request.offset, request.length)

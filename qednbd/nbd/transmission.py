@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -108,6 +108,7 @@ _FUA: Final = int(CommandFlag.FUA)
 _STRUCTURED_MAGIC: Final = int(Magic.STRUCTURED_REPLY)
 _DONE: Final = int(ReplyFlag.DONE)
 _OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
+_PACK_OFFSET_DATA: Final = STRUCTURED_OFFSET_DATA.pack
 
 
 def command_name(command: int) -> str:
@@ -176,6 +177,7 @@ class _Step(enum.Enum):
 
 
 _S = TransmissionState
+_HEADER: Final = TransmissionState.HEADER
 _TRANSITIONS: Final[dict[tuple[TransmissionState, _Step], TransmissionState]] = {
     (_S.HEADER, _Step.NO_PAYLOAD): _S.HEADER,
     (_S.HEADER, _Step.PAYLOAD): _S.PAYLOAD,
@@ -239,6 +241,7 @@ class Transmission:
         self._max_skip = max_skipped_payload_bytes
         self._extended = negotiated.extended_headers
         self._header = EXTENDED_REQUEST if self._extended else REQUEST
+        self._header_size = self._header.size
         self._magic = Magic.EXTENDED_REQUEST if self._extended else Magic.REQUEST
         if self._extended:
             mode = ReplyMode.EXTENDED
@@ -326,7 +329,7 @@ class Transmission:
 
     def next_event(self) -> TransmissionEvent:
         """The next complete request, :data:`NEED_DATA`, or a terminal event."""
-        if self._state is TransmissionState.HEADER:
+        if self._state is _HEADER:
             return self._read_header()
         if self._state is TransmissionState.PAYLOAD:
             return self._read_payload()
@@ -368,14 +371,16 @@ class Transmission:
         return ProtocolViolation(reason)
 
     def _read_header(self) -> TransmissionEvent:
-        available = self._available()
-        if available < self._header.size:
+        pos = self._pos
+        size = self._header_size
+        available = len(self._buf) - pos
+        if available < size:
             if self._eof and available == 0:
                 self._advance(_Step.CLOSE)
                 return EndOfStream()
             return self._need_data("inside a request header")
-        magic, flags, command, cookie, offset, length = self._header.unpack_from(self._buf, self._pos)
-        self._pos += self._header.size
+        magic, flags, command, cookie, offset, length = self._header.unpack_from(self._buf, pos)
+        self._pos = pos + size
         if magic != self._magic:
             return self._violation(f"bad request magic 0x{magic:08x} (expected 0x{self._magic:08x})")
         if (  # the common case, a valid READ, without the general checks below (state stays HEADER)
@@ -486,6 +491,12 @@ class ReplyMode(enum.Enum):
     EXTENDED = "extended reply chunks only"
 
 
+def _structured_read_header(request: Request) -> bytes:
+    return _PACK_OFFSET_DATA(
+        _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, request.cookie, 8 + request.length, request.offset
+    )
+
+
 class ReplyEncoder:
     """Reply messages for one connection's negotiated mode.
 
@@ -495,6 +506,14 @@ class ReplyEncoder:
 
     def __init__(self, mode: ReplyMode) -> None:
         self.mode = mode
+        # What goes before the data of a successful READ answered in one piece: per request, so
+        # the common mode gets a function without data_header's checks and keyword arguments.
+        self.read_header: Callable[[Request], bytes] = (
+            _structured_read_header if mode is ReplyMode.STRUCTURED else self._read_header
+        )
+
+    def _read_header(self, request: Request) -> bytes:
+        return self.data_header(request, request.offset, request.length, done=True)
 
     def simple(self, request: Request, error: int = 0) -> bytes:
         """A simple reply header (the READ data, if any, follows it)."""

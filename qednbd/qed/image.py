@@ -148,6 +148,7 @@ class QedImage:
         self.geometry = Geometry.of(header.cluster_size, header.table_size, header.header_size)
         self._valid_tables: set[int] = set()  # L2 offsets already checked (cleared if the file shrinks)
         self._file_size = fmt.usable_file_size(file_length, header.cluster_size)
+        self._data_start = header.header_size * header.cluster_size  # no data cluster before this
         self.backing_name = self._read_backing_name()
         n_l1 = self.geometry.l1_entries_for(header.image_size)
         l1_bytes = -(-n_l1 // 64) * 512
@@ -350,7 +351,10 @@ class QedImage:
         index = (pos >> g.cluster_bits) & g.l2_mask
         page_entries = self.l2.page_entries
         entry = self.l2.page(l2_offset, index // page_entries)[index % page_entries]
-        if entry > ZERO_CLUSTER and not fmt.cluster_offset_valid(entry, self.header, self.file_size):
+        # fmt.cluster_offset_valid, inline (this runs for every small READ and WRITE):
+        if entry > ZERO_CLUSTER and (
+            entry & g.cluster_mask or not self._data_start <= entry < self._file_size
+        ):
             raise self._bad_offset("data cluster", entry, pos)
         return entry
 

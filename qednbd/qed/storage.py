@@ -21,6 +21,8 @@ from typing import Protocol, cast
 from qednbd.errors import ImageError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
+_preadv = os.preadv  # bound once: the small-READ fast path calls it per request
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
@@ -117,7 +119,7 @@ class FileStorage:
             return None
         buf = bytearray(length)
         try:
-            n = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+            n = _preadv(self._fd, [buf], offset, _RWF_NOWAIT)
         except BlockingIOError:
             return None
         except OSError as exc:

@@ -592,3 +592,12 @@ def test_a_recycled_payload_buffer_takes_the_next_payload_of_its_size() -> None:
     buf = t.payload_buffer(1)
     assert buf is not None and buf.obj is not one.payload and len(buf) == 512
     t.recycle(b"bytes are never reused")  # only bytearrays this connection made
+
+
+@pytest.mark.parametrize("mode", list(ReplyMode))
+def test_read_header_is_data_header_for_a_whole_read(mode: ReplyMode) -> None:
+    """The per-mode fast function gives exactly the general encoder's bytes."""
+    replies = ReplyEncoder(mode)
+    for cookie, offset, length in [(1, 0, 1), (0xFFFF_FFFF_FFFF_FFFF, 12345, 4096), (7, 1 << 40, 65535)]:
+        request = Request(cookie, READ, 0, offset, length)
+        assert replies.read_header(request) == replies.data_header(request, offset, length, done=True)
