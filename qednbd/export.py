@@ -207,6 +207,17 @@ class Export:
             return False
         return all(e.kind != Kind.DATA for e in self.image.block_status(request.offset, request.length))
 
+    def write_inline(self, request: Request) -> bool:
+        """Carry out a WRITE without FUA that overwrites data of one cluster; False (nothing
+        done) for anything else, and on errors: then :meth:`handle` it."""
+        payload = request.payload
+        if request.flags or payload is None:
+            return False
+        try:
+            return self.image.write_in_place(request.offset, payload)
+        except (ImageError, OSError):
+            return False  # handle() meets the same error and answers it
+
     def read_inline(self, request: Request, replies: ReplyEncoder) -> list[Buffer] | None:
         """The reply to a small READ of one cached data cluster, or None: then :meth:`handle`
         it (holes, several clusters, uncached data, zero-copy sizes, errors)."""

@@ -110,6 +110,7 @@ SD_LISTEN_FDS_START: Final = 3
 
 
 _READ: Final = int(Command.READ)
+_WRITE: Final = int(Command.WRITE)
 _CHANGES_DATA: Final = frozenset(int(c) for c in (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM))
 
 
@@ -358,6 +359,16 @@ class Connection(asyncio.BufferedProtocol):
                         batch += inline
                         batch_bytes += event.length
                         continue
+                elif (  # the fast path: overwrites without FUA
+                    event.command == _WRITE
+                    and not event.error
+                    and not self._stopping
+                    and export.write_inline(event)
+                ):
+                    self._unflushed = True
+                    batch.append(replies.ok_reply(event))
+                    batch_bytes += 16
+                    continue
                 if event.error:
                     error = replies.error(event, event.error, event.message)
                     batch.append(error)

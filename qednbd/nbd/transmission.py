@@ -109,6 +109,8 @@ _STRUCTURED_MAGIC: Final = int(Magic.STRUCTURED_REPLY)
 _DONE: Final = int(ReplyFlag.DONE)
 _OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 _PACK_OFFSET_DATA: Final = STRUCTURED_OFFSET_DATA.pack
+_PACK_SIMPLE: Final = SIMPLE_REPLY.pack
+_SIMPLE_MAGIC: Final = int(Magic.SIMPLE_REPLY)
 
 
 def command_name(command: int) -> str:
@@ -254,6 +256,9 @@ class Transmission:
             ready.transmission_flags, self._extended, bool(negotiated.meta_contexts)
         )
         self._read_flags = self._valid_flags[_READ]
+        # Whether WRITE headers may take the fast path (not with extended headers, where
+        # PAYLOAD_LEN rules apply, nor on read-only exports, where WRITE is an error).
+        self._fast_write = not self._extended and not self._read_only
         self._state = TransmissionState.HEADER
         self._buf = bytearray()
         self._pos = 0  # consumed bytes at the front of _buf
@@ -391,6 +396,18 @@ class Transmission:
             and not (offset | length) % self._alignment
         ):
             return Request(cookie, command, flags, offset, length)
+        if (  # a valid WRITE whose payload is all here: no state change, one copy
+            command == _WRITE
+            and self._fast_write
+            and not flags & ~_FUA
+            and 0 < length <= self._max_request
+            and offset + length <= self._size
+            and not (offset | length) % self._alignment
+            and len(self._buf) - self._pos >= length
+        ):
+            start = self._pos
+            self._pos = start + length
+            return Request(cookie, command, flags, offset, length, self._buf[start : self._pos])
         if command == _DISC:
             self._advance(_Step.CLOSE)
             return Request(cookie, command, flags, offset, length)
@@ -491,6 +508,10 @@ class ReplyMode(enum.Enum):
     EXTENDED = "extended reply chunks only"
 
 
+def _simple_ok(request: Request) -> bytes:
+    return _PACK_SIMPLE(_SIMPLE_MAGIC, 0, request.cookie)
+
+
 def _structured_read_header(request: Request) -> bytes:
     return _PACK_OFFSET_DATA(
         _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, request.cookie, 8 + request.length, request.offset
@@ -511,6 +532,8 @@ class ReplyEncoder:
         self.read_header: Callable[[Request], bytes] = (
             _structured_read_header if mode is ReplyMode.STRUCTURED else self._read_header
         )
+        # Likewise the reply to a successful WRITE, FLUSH, TRIM...: a simple reply unless extended.
+        self.ok_reply: Callable[[Request], bytes] = self.ok if mode is ReplyMode.EXTENDED else _simple_ok
 
     def _read_header(self, request: Request) -> bytes:
         return self.data_header(request, request.offset, request.length, done=True)

@@ -220,6 +220,8 @@ def test_end_of_stream_inside_a_request_is_a_violation(stream):
         (req(WRITE_ZEROES, SIZE - 512, 1024), {}, ENOSPC),
         (req(WRITE, SIZE, 3, payload=b"abc"), {}, ENOSPC),
         (req(WRITE, 0, 3, payload=b"abc"), {"read_only": True}, EPERM),
+        (req(WRITE, 0, 3, flags=DF, payload=b"abc"), {"structured": True}, EINVAL),  # READ's flag
+        (req(WRITE, 0, 3, flags=0x40, payload=b"abc"), {}, EINVAL),
         (req(TRIM, 0, 512), {"read_only": True}, EPERM),
         (req(WRITE_ZEROES, 0, 512), {"read_only": True}, EPERM),
         (req(WRITE, 1, 512, payload=bytes(512)), {"block_size_requested": True}, EINVAL),  # unaligned
@@ -601,3 +603,11 @@ def test_read_header_is_data_header_for_a_whole_read(mode: ReplyMode) -> None:
     for cookie, offset, length in [(1, 0, 1), (0xFFFF_FFFF_FFFF_FFFF, 12345, 4096), (7, 1 << 40, 65535)]:
         request = Request(cookie, READ, 0, offset, length)
         assert replies.read_header(request) == replies.data_header(request, offset, length, done=True)
+
+
+@pytest.mark.parametrize("mode", list(ReplyMode))
+def test_ok_reply_is_ok(mode: ReplyMode) -> None:
+    replies = ReplyEncoder(mode)
+    for cookie in (0, 1, 0xFFFF_FFFF_FFFF_FFFF):
+        request = Request(cookie, WRITE, 0, 4096, 512)
+        assert replies.ok_reply(request) == replies.ok(request)
