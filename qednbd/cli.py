@@ -135,6 +135,39 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--shared", dest="max_clients", type=int, help="most clients at once (0: no limit)")
     p.add_argument("--config", dest="config_file", help="TOML file with several exports (see docs/serve.md)")
     p.add_argument("--pid-file", dest="pid_file", help="write the process id here once listening")
+    p.add_argument(
+        "--tls-creds",
+        dest="tls_creds",
+        metavar="DIR",
+        help="X.509 credentials: DIR/ca-cert.pem, server-cert.pem, server-key.pem (as qemu-nbd's)",
+    )
+    p.add_argument(
+        "--tls",
+        dest="tls",
+        choices=["off", "on", "require"],
+        help="on: TLS optional (tls-only exports need it); require: nothing before STARTTLS "
+        "(the default once --tls-creds is given)",
+    )
+    p.add_argument(
+        "--tls-verify-peer",
+        dest="tls_verify_peer",
+        action="store_true",
+        help="clients must present a certificate signed by ca-cert.pem",
+    )
+    p.add_argument(
+        "--tls-psk",
+        dest="tls_psk",
+        metavar="FILE",
+        help="pre-shared keys (username:hexkey lines); needs Python 3.13's ssl PSK support",
+    )
+    p.add_argument(
+        "--allow",
+        dest="allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="accept TCP clients only from this network (repeatable; default: any)",
+    )
     p.add_argument("files", nargs="*", metavar="FILE")
     return parser
 
@@ -357,8 +390,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_clients=args.max_clients,
             config_file=args.config_file,
             pid_file=args.pid_file,
+            tls=args.tls,
+            tls_creds=args.tls_creds,
+            tls_verify_peer=args.tls_verify_peer,
+            allow=args.allow,
         )
     )
+    if args.tls_psk is not None:  # Python's ssl module has PSK only from 3.13 on; not built yet
+        why = "is not supported yet" if sys.version_info >= (3, 13) else "needs Python 3.13's ssl module"
+        raise ConfigError(f"--tls-psk {why} (this is Python {sys.version.split()[0]}); use --tls-creds DIR")
     fds = serve.inherited_fds(os.environ)
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)  # not for our children

@@ -7,11 +7,16 @@ A TOML file (``--config``) looks like this; every key is optional except ``file`
     socket = "/run/qednbd.sock"  # serve a Unix socket instead of TCP
     max-clients = 16             # 0 = no limit
     default = "disk"             # the export the empty name selects
+    tls = "require"              # off | on | require (require when tls-creds is set)
+    tls-creds = "pki"            # ca-cert.pem, server-cert.pem, server-key.pem
+    tls-verify-peer = false      # clients must show a certificate signed by ca-cert.pem
+    allow = ["10.0.0.0/8"]       # TCP clients from these networks only (default: everyone)
 
     [exports.disk]
     file = "disk.qed"            # relative paths are relative to the config file
     read-only = false
     description = "the demo disk"
+    tls-only = false             # with tls = "on": only clients that did STARTTLS see it
 
 Command-line flags win over the file's server keys; FILE arguments add exports. Unknown keys
 are errors (a typo must not silently serve something else). With exactly one export, it is
@@ -20,6 +25,7 @@ also the default export.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -30,8 +36,12 @@ from qednbd.errors import ConfigError
 
 DEFAULT_BIND: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 10809  # the IANA port for NBD
-_SERVER_KEYS: Final = frozenset({"bind", "port", "socket", "max-clients", "default", "exports"})
-_EXPORT_KEYS: Final = frozenset({"file", "read-only", "description"})
+_SERVER_KEYS: Final = frozenset(
+    {"bind", "port", "socket", "max-clients", "default", "exports"}
+    | {"tls", "tls-creds", "tls-verify-peer", "allow"}
+)
+_EXPORT_KEYS: Final = frozenset({"file", "read-only", "description", "tls-only"})
+TLS_MODES: Final = ("off", "on", "require")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +50,7 @@ class ExportConfig:
     path: str
     read_only: bool = False
     description: str = ""
+    tls_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +62,10 @@ class ServerConfig:
     socket_path: str | None = None  # a Unix socket instead of TCP
     max_clients: int = 0  # 0 = no limit
     pid_file: str | None = None
+    tls: str = "off"  # one of TLS_MODES
+    tls_creds: str | None = None  # directory with ca-cert.pem, server-cert.pem, server-key.pem
+    tls_verify_peer: bool = False
+    allow: tuple[str, ...] = ()  # networks (CIDR) TCP clients may come from; () = any
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +82,10 @@ class CommandLine:
     max_clients: int | None = None
     config_file: str | None = None
     pid_file: str | None = None
+    tls: str | None = None
+    tls_creds: str | None = None
+    tls_verify_peer: bool = False
+    allow: Sequence[str] = ()
 
 
 def _typed(table: Mapping[str, object], key: str, kind: type, where: str) -> object:
@@ -122,6 +141,7 @@ def _file_exports(path: str, data: Mapping[str, object]) -> list[ExportConfig]:
                 path=os.path.join(base, file),
                 read_only=_bool(table, "read-only", where),
                 description=_str(table, "description", where) or "",
+                tls_only=_bool(table, "tls-only", where),
             )
         )
     return out
@@ -149,7 +169,7 @@ def build(cmd: CommandLine) -> ServerConfig:
             )
         )
     if cmd.read_only:
-        exports = [ExportConfig(e.name, e.path, True, e.description) for e in exports]
+        exports = [ExportConfig(e.name, e.path, True, e.description, e.tls_only) for e in exports]
     if not exports:
         raise ConfigError("nothing to serve: give an image FILE or a --config file with [exports.NAME]")
     names = [e.name for e in exports]
@@ -174,6 +194,8 @@ def build(cmd: CommandLine) -> ServerConfig:
     if socket_path is None and "socket" in data and cmd.port is None and cmd.bind is None:
         socket_path = _str(data, "socket", where)
     bind = cmd.bind if cmd.bind is not None else _str(data, "bind", where)
+    tls, tls_creds, verify_peer = _tls_settings(cmd, data, where, exports)
+    allow = tuple(_networks(cmd.allow if cmd.allow else _str_list(data, "allow", where), where))
     return ServerConfig(
         exports=tuple(exports),
         default_export=default,
@@ -182,4 +204,54 @@ def build(cmd: CommandLine) -> ServerConfig:
         socket_path=socket_path,
         max_clients=max_clients,
         pid_file=cmd.pid_file,
+        tls=tls,
+        tls_creds=tls_creds,
+        tls_verify_peer=verify_peer,
+        allow=allow,
     )
+
+
+def _str_list(table: Mapping[str, object], key: str, where: str) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: '{key}' must be a list of strings")
+    return [str(v) for v in value]
+
+
+def _networks(values: Sequence[str], where: str) -> list[str]:
+    """CIDR networks (an address alone is a /32 or /128), checked and normalised."""
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{where}: --allow {value!r} is not an address or network (CIDR)") from None
+    return out
+
+
+def _tls_settings(
+    cmd: CommandLine, data: Mapping[str, object], where: str, exports: Sequence[ExportConfig]
+) -> tuple[str, str | None, bool]:
+    """(mode, credentials directory, verify peer): flags win over the file; credentials alone
+    mean ``require`` (as qemu-nbd: TLS configured is TLS enforced)."""
+    creds = cmd.tls_creds
+    if creds is None and "tls-creds" in data:
+        file_creds = _str(data, "tls-creds", where)
+        base = os.path.dirname(os.path.abspath(cmd.config_file or "."))
+        creds = os.path.join(base, file_creds) if file_creds is not None else None
+    mode = cmd.tls if cmd.tls is not None else _str(data, "tls", where)
+    if mode is None:
+        mode = "require" if creds is not None else "off"
+    if mode not in TLS_MODES:
+        raise ConfigError(f"{where}: tls must be one of {', '.join(TLS_MODES)}, not {mode!r}")
+    verify_peer = cmd.tls_verify_peer or _bool(data, "tls-verify-peer", where)
+    if mode != "off" and creds is None:
+        raise ConfigError(
+            f"--tls {mode} needs --tls-creds DIR (with ca-cert.pem, server-cert.pem, server-key.pem)"
+        )
+    if mode == "off" and verify_peer:
+        raise ConfigError("--tls-verify-peer needs TLS (--tls-creds DIR)")
+    for export in exports:
+        if export.tls_only and mode == "off":
+            raise ConfigError(f"export {export.name!r} is tls-only but TLS is off")
+    return mode, creds if mode != "off" else None, verify_peer

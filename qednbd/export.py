@@ -126,7 +126,15 @@ class Reply(NamedTuple):
 class Export:
     """An open image served under ``name``. See the module docstring."""
 
-    def __init__(self, name: str, image: QedImage, *, description: str = "", read_only: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        image: QedImage,
+        *,
+        description: str = "",
+        read_only: bool = False,
+        tls_only: bool = False,
+    ) -> None:
         self.name = name
         self.image = image
         self.read_only = read_only or image.read_only
@@ -136,6 +144,7 @@ class Export:
             read_only=self.read_only,
             description=description,
             flags=READ_ONLY_EXPORT_FLAGS if self.read_only else DEFAULT_EXPORT_FLAGS,
+            tls_only=tls_only,
         )
 
     @property

@@ -45,7 +45,11 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
                 raise ConfigError(f"{ec.path}: {exc.strerror or exc}") from None
             if image.opened_dirty and ec.read_only:
                 log.warning("%s was not closed cleanly; served read-only without repair", ec.path)
-            opened.append(Export(ec.name, image, description=ec.description, read_only=ec.read_only))
+            opened.append(
+                Export(
+                    ec.name, image, description=ec.description, read_only=ec.read_only, tls_only=ec.tls_only
+                )
+            )
     except BaseException:
         for export in opened:
             export.close()

@@ -33,6 +33,11 @@ Theory of operation
 * Shutdown (SIGTERM/SIGINT, :meth:`Server.shutdown`): close the listeners, refuse options on
   connections still negotiating, stop reading on the others, let their waiting replies go out,
   close them; then flush and close every image (which clears the dirty bit).
+* TLS: when the handshake says :class:`~qednbd.nbd.handshake.StartTls`, reading stops, the ACK
+  leaves, and ``loop.start_tls`` wraps the connection; options that arrive decrypted before
+  ``start_tls`` returns are held and fed once the handshake machine knows TLS is up. The TLS
+  transport never takes the sendfile path. ``--allow`` drops TCP clients from other networks
+  before the greeting.
 * Listeners: TCP (IPv4 or IPv6), a Unix socket, or the sockets systemd passes
   (``LISTEN_FDS``/``LISTEN_PID``, fds from 3).
 """
@@ -43,16 +48,18 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from qednbd.config import ServerConfig
-from qednbd.errors import QednbdError
+from qednbd.errors import ConfigError, QednbdError
 from qednbd.export import Export, ZeroCopy
 from qednbd.loop import SpinningSelector
 from qednbd.nbd.constants import Command, Errno
@@ -62,7 +69,9 @@ from qednbd.nbd.handshake import (
     MetaContext,
     Ready,
     ServerHandshake,
+    StartTls,
     StaticCatalog,
+    TlsMode,
 )
 from qednbd.nbd.transmission import (
     Buffer,
@@ -166,7 +175,10 @@ class Connection(asyncio.BufferedProtocol):
         self._loop = server.loop
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
-        self._handshake: ServerHandshake | None = ServerHandshake(server.exports.catalog)
+        self._handshake: ServerHandshake | None = ServerHandshake(server.exports.catalog, server.tls_mode)
+        self._tls = False  # the connection did STARTTLS
+        self._tls_task: asyncio.Task[None] | None = None
+        self._tls_early: bytearray | None = None  # options that arrive while start_tls finishes
         self._transmission: Transmission | None = None
         self._export: Export | None = None
         self._contexts: tuple[MetaContext, ...] = ()
@@ -200,6 +212,12 @@ class Connection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         server = self._server
         server.connections.add(self)
+        if isinstance(peer, tuple) and not server.allowed(peer[0]):
+            log.warning("refusing %s: not in --allow", self._peer)
+            self._closing = True
+            self.refused = True
+            transport.abort()
+            return
         assert self._handshake is not None
         limit = server.max_clients
         if limit and server.serving_count() > limit:
@@ -234,6 +252,8 @@ class Connection(asyncio.BufferedProtocol):
                 assert self._transmission is not None
                 self._transmission.payload_received(nbytes)
                 self._serve()
+            elif self._tls_early is not None:  # decrypted before start_tls handed us the transport
+                self._tls_early += self._server.scratch[:nbytes]
             elif self._handshake is not None:
                 self._handshake.receive_data(self._server.scratch[:nbytes])
                 self._advance_handshake()
@@ -245,9 +265,11 @@ class Connection(asyncio.BufferedProtocol):
             self._abort()
 
     def eof_received(self) -> bool:
-        if not self._closing:
+        if self._tls_early is not None:  # gone in the middle of STARTTLS
+            self._abort()
+        elif not self._closing:
             self._end_of_input()
-        return True  # we close once the waiting replies are out
+        return not self._tls  # we close once the waiting replies are out (TLS cannot half-close)
 
     def _end_of_input(self) -> None:
         if self._handshake is not None:
@@ -291,6 +313,13 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.write(out)
         if event is NEED_DATA:
             return
+        if isinstance(event, StartTls):  # the handshake limit covers the TLS handshake too
+            # Not a byte more for the plaintext parser: the client's TLS hello follows our ACK,
+            # and start_tls (which takes over reading) only runs on the loop's next turn.
+            self._transport.pause_reading()
+            self._tls_early = bytearray()
+            self._tls_task = self._loop.create_task(self._start_tls())
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -302,16 +331,40 @@ class Connection(asyncio.BufferedProtocol):
         assert isinstance(event, Ready)
         self._start_transmission(event, hs.trailing_data)
 
+    async def _start_tls(self) -> None:
+        """STARTTLS was ACKed: run the TLS handshake on this connection, then go on negotiating."""
+        transport, context = self._transport, self._server.tls_context
+        assert transport is not None and context is not None
+        try:
+            upgraded = await self._loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("%s: TLS handshake failed: %s", self._peer, exc)
+            self._abort()
+            return
+        if upgraded is None or self._handshake is None or self._closing:
+            return
+        self._transport = upgraded
+        self._sock_fd = -1  # sendfile would bypass TLS: no zero-copy READs on this connection
+        self._tls = True
+        self._handshake.tls_started()
+        early, self._tls_early = self._tls_early, None
+        if early:
+            self._handshake.receive_data(early)
+        self._advance_handshake()
+
     def _start_transmission(self, ready: Ready, trailing: bytes) -> None:
         self._handshake = None
         self._export = self._server.exports.exports[ready.export.name]
         self._contexts = ready.negotiated.meta_contexts
         self._transmission = Transmission(ready)
         log.info(
-            "%s: export %r, %s replies%s",
+            "%s: export %r, %s replies%s%s",
             self._peer,
             ready.export.name,
             self._transmission.replies.mode.name.lower(),
+            ", TLS" if self._tls else "",
             "".join(f", {c.name}" for c in self._contexts),
         )
         if trailing:
@@ -558,10 +611,22 @@ class Server:
     """Listeners and connections over one :class:`ExportSet`."""
 
     def __init__(
-        self, exports: ExportSet, *, max_clients: int = 0, expect_soon: Callable[[], None] = _nothing
+        self,
+        exports: ExportSet,
+        *,
+        max_clients: int = 0,
+        expect_soon: Callable[[], None] = _nothing,
+        tls_mode: TlsMode = TlsMode.OFF,
+        tls_context: ssl.SSLContext | None = None,
+        allow: Sequence[str] = (),
     ) -> None:
+        if tls_mode is not TlsMode.OFF and tls_context is None:
+            raise ValueError("TLS needs a context")
         self.exports = exports
         self.max_clients = max_clients
+        self.tls_mode = tls_mode
+        self.tls_context = tls_context
+        self._allow = [ipaddress.ip_network(n) for n in allow]
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.flush_pool = concurrent.futures.ThreadPoolExecutor(
@@ -578,6 +643,18 @@ class Server:
         # brought to that connection's parser, which copies it, before it receives anything else.
         self.scratch = memoryview(bytearray(RECEIVE_BUFFER_BYTES))
         self.expect_soon = expect_soon  # a lone small request was answered (see qednbd.loop)
+
+    def allowed(self, address: str) -> bool:
+        """Whether a TCP client from ``address`` may connect (``--allow``; everyone if unset)."""
+        if not self._allow:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._allow)
 
     def serving_count(self) -> int:
         return sum(1 for conn in self.connections if not conn.refused)
@@ -665,6 +742,31 @@ class Server:
         self._stopped.set()
 
 
+TLS_FILES: Final = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+def tls_context(creds_dir: str | None, verify_peer: bool) -> ssl.SSLContext:
+    """A server context from a directory laid out like qemu-nbd's tls-creds-x509 (TLS 1.2+).
+    The CA certificate is needed only to verify clients; its absence is an error only then."""
+    if creds_dir is None:
+        raise ConfigError("TLS needs --tls-creds DIR")
+    paths = {name: os.path.join(creds_dir, name) for name in TLS_FILES}
+    needed = TLS_FILES if verify_peer else TLS_FILES[1:]
+    for name in needed:
+        if not os.path.isfile(paths[name]):
+            raise ConfigError(f"--tls-creds {creds_dir}: {name} is missing")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(paths["server-cert.pem"], paths["server-key.pem"])
+        if verify_peer:
+            context.load_verify_locations(paths["ca-cert.pem"])
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"--tls-creds {creds_dir}: cannot use the credentials: {exc}") from None
+    return context
+
+
 def uri_for_tcp(address: tuple[str, int], export: str = "") -> str:
     host, port = address
     if ":" in host:
@@ -692,7 +794,19 @@ async def run(
 ) -> int:
     """Listen where ``conf`` says (or on the inherited sockets), report the addresses through
     ``on_ready``, serve until a signal; returns the exit code."""
-    server = Server(exports, max_clients=conf.max_clients, expect_soon=expect_soon)
+    try:
+        context = tls_context(conf.tls_creds, conf.tls_verify_peer) if conf.tls != "off" else None
+    except BaseException:
+        exports.close()
+        raise
+    server = Server(
+        exports,
+        max_clients=conf.max_clients,
+        expect_soon=expect_soon,
+        tls_mode=TlsMode(conf.tls),
+        tls_context=context,
+        allow=conf.allow,
+    )
     try:
         if inherited_fds:
             uris = await server.listen_inherited(inherited_fds)

@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, as PACKAGE=COMMAND,... (see need_debs in scripts/_venv.sh).
 # qemu-system-x86 boots the guests of tests/guest; the guests' own kernel and tools are fetched
-# there with apt-get download.
+# there with apt-get download. openssl makes the TLS tests' certificates.
 DEB_PACKAGES="qemu-utils=qemu-img,qemu-io,qemu-nbd libnbd-bin=nbdinfo,nbdsh,nbdcopy python3-libnbd
-  nbd-client fio=fio qemu-system-x86=qemu-system-x86_64 e2fsprogs=debugfs,e2fsck"
+  nbd-client fio=fio qemu-system-x86=qemu-system-x86_64 e2fsprogs=debugfs,e2fsck openssl=openssl"
 
 # shellcheck disable=SC2086  # one word per package
 need_debs $DEB_PACKAGES

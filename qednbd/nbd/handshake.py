@@ -29,9 +29,15 @@ Theory of operation
   which replaces the selection even when it fails, and counts only if it named the export that
   GO/EXPORT_NAME finally selects. INFO and GO compute the same transmission flags from the same
   state (SEND_DF only with structured replies).
-* STARTTLS is answered ``NBD_REP_ERR_UNSUP`` (NOTLS mode). The hook for TLS is
-  :meth:`ServerHandshake._opt_starttls`: ACK, emit an event so the server can upgrade the
-  transport, then forget structured replies, extended headers and meta contexts (spec MUST).
+* TLS (:class:`TlsMode`): OFF answers STARTTLS ``NBD_REP_ERR_UNSUP``. Otherwise STARTTLS is
+  ACKed and :meth:`~ServerHandshake.next_event` returns :class:`StartTls`: the server sends the
+  ACK, runs the TLS handshake on the connection and calls
+  :meth:`~ServerHandshake.tls_started`, which forgets structured replies, extended headers and
+  meta contexts (spec MUST); bytes that arrived after STARTTLS before TLS close the connection.
+  REQUIRE answers every option but STARTTLS and ABORT with ``NBD_REP_ERR_TLS_REQD`` until TLS
+  is up (EXPORT_NAME, which cannot carry an error, closes). ON lets plaintext clients use the
+  exports not marked ``tls_only``: INFO/GO for those get ``NBD_REP_ERR_TLS_REQD``, EXPORT_NAME
+  closes, and LIST leaves them out until TLS is up.
 """
 
 from __future__ import annotations
@@ -136,6 +142,7 @@ class ExportInfo:
     preferred_block_size: int = 4096
     max_payload_size: int = DEFAULT_MAX_PAYLOAD_BYTES
     meta_contexts: tuple[str, ...] = DEFAULT_META_CONTEXTS
+    tls_only: bool = False  # only for clients that did STARTTLS (with TlsMode.ON)
 
     def __post_init__(self) -> None:
         _check_string("export name", self.name)
@@ -220,6 +227,7 @@ class Negotiated:
     meta_contexts: tuple[MetaContext, ...] = ()
     block_size_requested: bool = False  # GO asked for NBD_INFO_BLOCK_SIZE, so the client MUST obey it
     no_zeroes: bool = False
+    tls: bool = False  # the connection did STARTTLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +248,19 @@ class Closed:
     graceful: bool = False  # ABORT, or end of stream between options
 
 
-HandshakeEvent = Ready | Closed | NeedData
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Send :meth:`ServerHandshake.data_to_send` (the STARTTLS ACK), run the TLS handshake on the
+    connection, then call :meth:`ServerHandshake.tls_started` (or close if TLS fails)."""
+
+
+class TlsMode(enum.Enum):
+    OFF = "off"  # no TLS (NOTLS)
+    ON = "on"  # TLS optional; exports marked tls_only need it (SELECTIVETLS)
+    REQUIRE = "require"  # nothing but STARTTLS before TLS (FORCEDTLS)
+
+
+HandshakeEvent = Ready | Closed | StartTls | NeedData
 
 
 # --- the state machine ------------------------------------------------------------------------
@@ -250,6 +270,7 @@ class HandshakeState(enum.Enum):
     CLIENT_FLAGS = "awaiting the client flags"
     OPTION_HEADER = "awaiting an option header"
     OPTION_DATA = "awaiting option data"
+    TLS = "upgrading the connection to TLS"
     READY = "handshake finished"
     CLOSED = "closed"
 
@@ -257,6 +278,7 @@ class HandshakeState(enum.Enum):
 class _Step(enum.Enum):
     ACCEPT = "accept"  # the awaited message was acceptable: await the next one
     ENTER_TRANSMISSION = "enter transmission"
+    START_TLS = "start TLS"
     CLOSE = "close"
 
 
@@ -269,10 +291,13 @@ _TRANSITIONS: Final[dict[tuple[HandshakeState, _Step], HandshakeState]] = {
     (_S.OPTION_DATA, _Step.ACCEPT): _S.OPTION_HEADER,
     (_S.OPTION_DATA, _Step.ENTER_TRANSMISSION): _S.READY,
     (_S.OPTION_DATA, _Step.CLOSE): _S.CLOSED,
+    (_S.OPTION_DATA, _Step.START_TLS): _S.TLS,
+    (_S.TLS, _Step.ACCEPT): _S.OPTION_HEADER,
+    (_S.TLS, _Step.CLOSE): _S.CLOSED,
 }
 _TERMINAL: Final = frozenset({_S.READY, _S.CLOSED})
 
-_OptionResult = Ready | Closed | None  # None: replied, negotiation goes on
+_OptionResult = Ready | Closed | StartTls | None  # None: replied, negotiation goes on
 
 
 def _decode_string(raw: bytes) -> str | None:
@@ -354,8 +379,10 @@ def _query_matches(query: str, context: str, listing: bool) -> bool:
 class ServerHandshake:
     """The server side of one connection's handshake. See the module docstring."""
 
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, tls: TlsMode = TlsMode.OFF) -> None:
         self._catalog = catalog
+        self._tls_mode = tls
+        self._tls = False  # STARTTLS done
         self._state = HandshakeState.CLIENT_FLAGS
         self._inbuf = bytearray()
         self._outbuf: list[bytes] = [GREETING.pack(Magic.NBDMAGIC, Magic.IHAVEOPT, SERVER_HANDSHAKE_FLAGS)]
@@ -391,7 +418,7 @@ class ServerHandshake:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the client; ``b""`` means the client closed its side."""
-        if self._state in _TERMINAL:
+        if self._state in _TERMINAL or self._state is HandshakeState.TLS:
             raise StateError(f"receive_data in state {self._state.name}")
         if self._eof:
             raise StateError("receive_data after end of stream")
@@ -399,6 +426,16 @@ class ServerHandshake:
             self._inbuf += data
         else:
             self._eof = True
+
+    def tls_started(self) -> None:
+        """The TLS handshake that :class:`StartTls` asked for succeeded: negotiation starts over
+        (what was negotiated in plaintext is forgotten), now over TLS."""
+        if self._state is not HandshakeState.TLS:
+            raise StateError(f"tls_started in state {self._state.name}")
+        self._tls = True
+        self._structured = self._extended = False
+        self._meta_export, self._meta_contexts = None, ()
+        self._advance(_Step.ACCEPT)
 
     def begin_shutdown(self) -> None:
         """From now on answer every option except ABORT with NBD_REP_ERR_SHUTDOWN (spec SHOULD)."""
@@ -411,7 +448,7 @@ class ServerHandshake:
 
     def next_event(self) -> HandshakeEvent:
         """Process buffered input; return :data:`NEED_DATA` or a terminal event."""
-        if self._state in _TERMINAL:
+        if self._state in _TERMINAL or self._state is HandshakeState.TLS:
             raise StateError(f"next_event in state {self._state.name}")
         while True:
             if self._state is HandshakeState.CLIENT_FLAGS:
@@ -453,6 +490,8 @@ class ServerHandshake:
                     continue
                 if isinstance(result, Ready):
                     self._advance(_Step.ENTER_TRANSMISSION)
+                elif isinstance(result, StartTls):
+                    self._advance(_Step.START_TLS)
                 return result
 
     # --- machinery ----------------------------------------------------------------------------
@@ -487,6 +526,15 @@ class ServerHandshake:
                 return self._close(f"EXPORT_NAME refused: {message}")
             self._error(option, reply, message)
             return None
+        if (
+            self._tls_mode is TlsMode.REQUIRE
+            and not self._tls
+            and option not in (Option.STARTTLS, Option.ABORT)
+        ):
+            if option == Option.EXPORT_NAME:
+                return self._close("EXPORT_NAME before STARTTLS, and TLS is required")
+            self._error(option, OptionReply.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+            return None
         handler = _HANDLERS.get(option)
         if handler is None:
             self._error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
@@ -501,6 +549,7 @@ class ServerHandshake:
             meta_contexts=contexts,
             block_size_requested=block_size_requested,
             no_zeroes=bool(self._client_flags & ClientFlag.NO_ZEROES),
+            tls=self._tls,
         )
         return Ready(export, flags, negotiated, option)
 
@@ -516,6 +565,8 @@ class ServerHandshake:
         export = self._catalog.lookup(name)
         if export is None:
             return self._close(f"EXPORT_NAME for unknown export {name!r}")
+        if export.tls_only and not self._tls:
+            return self._close(f"EXPORT_NAME for TLS-only export {name!r} without TLS")
         flags = export.transmission_flags(self._structured)
         reply = EXPORT_NAME_REPLY.pack(export.size, flags)
         if not self._client_flags & ClientFlag.NO_ZEROES:
@@ -534,6 +585,8 @@ class ServerHandshake:
             return None
         for name in self._catalog.names():
             export = self._catalog.lookup(name)
+            if export is not None and export.tls_only and not self._tls:
+                continue  # listed once TLS is up (spec MAY)
             raw_name = name.encode("utf-8")
             description = export.description.encode("utf-8") if export is not None else b""
             self._reply(option, OptionReply.SERVER, U32.pack(len(raw_name)) + raw_name + description)
@@ -541,12 +594,17 @@ class ServerHandshake:
         return None
 
     def _opt_starttls(self, option: int, data: bytes) -> _OptionResult:
-        # TLS hook: with TLS configured this would ACK, end with an event that makes the server
-        # upgrade the transport, and reset _structured, _extended, _meta_export and _meta_contexts.
         if data:
             self._error(option, OptionReply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        else:
+        elif self._tls_mode is TlsMode.OFF:
             self._error(option, OptionReply.ERR_UNSUP, "TLS is not configured on this server")
+        elif self._tls:
+            self._error(option, OptionReply.ERR_INVALID, "TLS is already in use")
+        elif self._inbuf:  # the client must wait for our ACK before it starts TLS
+            return self._close("data after NBD_OPT_STARTTLS before the TLS handshake")
+        else:
+            self._reply(option, OptionReply.ACK)
+            return StartTls()
         return None
 
     def _opt_info_go(self, option: int, data: bytes) -> _OptionResult:
@@ -558,6 +616,9 @@ class ServerHandshake:
         export = self._catalog.lookup(name)
         if export is None:
             self._error(option, OptionReply.ERR_UNKNOWN, f"export {name!r} is not available")
+            return None
+        if export.tls_only and not self._tls:
+            self._error(option, OptionReply.ERR_TLS_REQD, f"export {name!r} needs TLS: send NBD_OPT_STARTTLS")
             return None
         flags = export.transmission_flags(self._structured or self._extended)
         self._reply(option, OptionReply.INFO, INFO_EXPORT.pack(InfoType.EXPORT, export.size, flags))

@@ -137,7 +137,30 @@ BAD_CONFIGS = {
     "unknown default": ('default = "b"\n[exports.a]\nfile = "a.qed"\n', "default export 'b'"),
     "exports not a table": ('exports = "a.qed"\n', "'exports' must be a table"),
     "no exports": ("port = 1\n", "nothing to serve"),
+    "bad tls mode": ('tls = "yes"\ntls-creds = "p"\n[exports.a]\nfile = "a.qed"\n', "tls must be one of"),
+    "tls without creds": ('tls = "on"\n[exports.a]\nfile = "a.qed"\n', "needs --tls-creds"),
+    "tls-only without tls": ('[exports.a]\nfile = "a.qed"\ntls-only = true\n', "tls-only but TLS is off"),
+    "allow not a list": ('allow = "10.0.0.0/8"\n[exports.a]\nfile = "a.qed"\n', "list of strings"),
+    "allow not a network": ('allow = ["10.0.0.0/33"]\n[exports.a]\nfile = "a.qed"\n', "not an address"),
 }
+
+
+def test_tls_and_allow_keys(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        'tls = "on"\ntls-creds = "pki"\ntls-verify-peer = true\nallow = ["10.1.2.3", "fd00::/8"]\n'
+        '[exports.a]\nfile = "a.qed"\ntls-only = true\n[exports.b]\nfile = "b.qed"\n',
+    )
+    conf = cfg.build(cfg.CommandLine(config_file=path))
+    assert (conf.tls, conf.tls_creds, conf.tls_verify_peer) == ("on", str(tmp_path / "pki"), True)
+    assert conf.allow == ("10.1.2.3/32", "fd00::/8")
+    assert [e.tls_only for e in conf.exports] == [True, False]
+    flags = cfg.build(cfg.CommandLine(config_file=path, tls="require", allow=["127.0.0.1/8"]))
+    assert (flags.tls, flags.allow) == ("require", ("127.0.0.0/8",))  # flags win over the file
+    creds_only = cfg.build(cfg.CommandLine(files=["a.qed"], tls_creds="/etc/pki/qednbd"))
+    assert (creds_only.tls, creds_only.tls_creds) == ("require", "/etc/pki/qednbd")  # as qemu-nbd
+    off = cfg.build(cfg.CommandLine(files=["a.qed"], tls="off", tls_creds="/etc/pki/qednbd"))
+    assert (off.tls, off.tls_creds) == ("off", None)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))

@@ -495,7 +495,7 @@ def test_meta_context_for_unknown_export():
         struct.pack(">I", 4) + b"disk" + struct.pack(">I", 0xFFFFFFFF),  # absurd query count
         struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 50) + b"base:",  # query past the end
         struct.pack(">I", 4) + b"disk" + struct.pack(">II", 2, 5) + b"base:" + b"\x00\x00",  # truncated len
-        meta_data(b"disk", (b"base:",)) + b"junk",  # trailing bytes
+        meta_data(b"disk", (b"base:allocation",)) + b"junk",  # trailing bytes
         meta_data(b"disk", (b"\xff:",)),  # query not UTF-8
         meta_data(b"disk", (b"x:" + b"y" * 4095,)),  # query > 4096
     ],
@@ -696,3 +696,92 @@ def test_static_catalog_default_must_exist():
     with pytest.raises(ConfigError):
         StaticCatalog([DISK], default="nope")
     assert StaticCatalog([DISK]).lookup("") is None
+
+
+# --- TLS (STARTTLS, TlsMode) --------------------------------------------------------------------
+
+ERR_TLS_REQD = ERR | 5
+SECRET = ExportInfo("secret", 2 * MiB, tls_only=True)
+TLS_CATALOG = StaticCatalog([DISK, SECRET], default="disk")
+
+
+def tls_run(mode: hs.TlsMode, *options: bytes, catalog: StaticCatalog = TLS_CATALOG):
+    """Negotiate ``options``; returns (replies, last event, handshake)."""
+    h = ServerHandshake(catalog, tls=mode)
+    h.data_to_send()
+    h.receive_data(struct.pack(">I", C_FIXED | C_NO_ZEROES) + b"".join(options))
+    event = h.next_event()
+    return parse_replies(h.data_to_send()), event, h
+
+
+def after_tls(h: ServerHandshake, *options: bytes):
+    h.tls_started()
+    h.receive_data(b"".join(options))
+    event = h.next_event()
+    return parse_replies(h.data_to_send()), event
+
+
+def test_starttls_acks_then_asks_the_server_to_upgrade():
+    replies, event, h = tls_run(hs.TlsMode.REQUIRE, opt(STARTTLS))
+    assert replies == [(STARTTLS, ACK, b"")]
+    assert isinstance(event, hs.StartTls) and h.state is HandshakeState.TLS
+    with pytest.raises(StateError):
+        h.next_event()  # nothing to parse until the TLS handshake is done
+    replies, event = after_tls(h, opt(GO, info_data(b"disk")))
+    assert isinstance(event, Ready) and event.negotiated.tls
+    assert error_codes(replies) == [REP_INFO, ACK]
+
+
+def test_require_refuses_everything_but_starttls_and_abort_before_tls():
+    replies, event, _ = tls_run(
+        hs.TlsMode.REQUIRE, opt(LIST), opt(INFO, info_data(b"disk")), opt(GO, info_data(b"disk")), opt(SR)
+    )
+    assert error_codes(replies) == [ERR_TLS_REQD] * 4 and event is NEED_DATA
+    _, event, _ = tls_run(hs.TlsMode.REQUIRE, opt(EXPORT_NAME, b"disk"))
+    assert isinstance(event, Closed)  # EXPORT_NAME cannot carry the error
+    replies, event, _ = tls_run(hs.TlsMode.REQUIRE, opt(ABORT))
+    assert replies == [(ABORT, ACK, b"")] and isinstance(event, Closed) and event.graceful
+
+
+def test_negotiation_before_starttls_is_forgotten():
+    replies, event, h = tls_run(
+        hs.TlsMode.ON, opt(SR), opt(SET_META, meta_data(b"disk", (b"base:allocation",))), opt(STARTTLS)
+    )
+    assert error_codes(replies) == [ACK, META, ACK, ACK] and isinstance(event, hs.StartTls)
+    replies, event = after_tls(h, opt(GO, info_data(b"disk")))
+    assert isinstance(event, Ready)
+    assert not event.negotiated.structured_replies and event.negotiated.meta_contexts == ()
+    assert event.transmission_flags == FLAGS_SIMPLE  # no SEND_DF without structured replies
+
+
+def test_starttls_errors():
+    replies, _, _ = tls_run(hs.TlsMode.OFF, opt(STARTTLS))
+    assert error_codes(replies) == [ERR_UNSUP]
+    replies, _, _ = tls_run(hs.TlsMode.ON, opt(STARTTLS, b"x"))
+    assert error_codes(replies) == [ERR_INVALID]
+    _, event, h = tls_run(hs.TlsMode.ON, opt(STARTTLS))
+    replies, event = after_tls(h, opt(STARTTLS), opt(LIST))
+    assert error_codes(replies)[0] == ERR_INVALID  # TLS is already up
+    _, event, _ = tls_run(hs.TlsMode.ON, opt(STARTTLS) + b"\x16\x03\x01")  # bytes before our ACK
+    assert isinstance(event, Closed)
+
+
+def test_tls_only_exports_need_tls_in_on_mode():
+    replies, event, _ = tls_run(
+        hs.TlsMode.ON, opt(LIST), opt(INFO, info_data(b"secret")), opt(GO, info_data(b"disk"))
+    )
+    names = [
+        payload[4 : 4 + struct.unpack(">I", payload[:4])[0]] for _, kind, payload in replies if kind == SERVER
+    ]
+    assert names == [b"disk"]  # the TLS-only export is not listed before TLS
+    assert [r for r in error_codes(replies) if r & ERR] == [ERR_TLS_REQD]
+    assert isinstance(event, Ready) and not event.negotiated.tls  # plaintext is fine for "disk"
+    _, event, _ = tls_run(hs.TlsMode.ON, opt(EXPORT_NAME, b"secret"))
+    assert isinstance(event, Closed)
+    _, _, h = tls_run(hs.TlsMode.ON, opt(STARTTLS))
+    replies, event = after_tls(h, opt(LIST), opt(GO, info_data(b"secret")))
+    names = [
+        payload[4 : 4 + struct.unpack(">I", payload[:4])[0]] for _, kind, payload in replies if kind == SERVER
+    ]
+    assert names == [b"disk", b"secret"]
+    assert isinstance(event, Ready) and event.export is SECRET and event.negotiated.tls
