@@ -168,6 +168,19 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="CIDR",
         help="accept TCP clients only from this network (repeatable; default: any)",
     )
+    p.add_argument(
+        "--metrics",
+        dest="metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (port 0 picks a free one)",
+    )
+    p.add_argument(
+        "--log-format",
+        dest="log_format",
+        choices=["text", "json"],
+        default="text",
+        help="text (default) or JSON lines on stderr",
+    )
     p.add_argument("files", nargs="*", metavar="FILE")
     return parser
 
@@ -374,10 +387,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from qednbd import config as cfg
     from qednbd import serve
+    from qednbd.logfmt import formatter
 
     # Records need neither the process nor the thread: not looking them up saves ~5 us a line.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
-    logging.basicConfig(format="qednbd: %(message)s", level=logging.INFO, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(args.log_format))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     conf = cfg.build(
         cfg.CommandLine(
             files=args.files,
@@ -394,6 +410,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tls_creds=args.tls_creds,
             tls_verify_peer=args.tls_verify_peer,
             allow=args.allow,
+            metrics=args.metrics,
         )
     )
     if args.tls_psk is not None:  # Python's ssl module has PSK only from 3.13 on; not built yet

@@ -11,6 +11,7 @@ A TOML file (``--config``) looks like this; every key is optional except ``file`
     tls-creds = "pki"            # ca-cert.pem, server-cert.pem, server-key.pem
     tls-verify-peer = false      # clients must show a certificate signed by ca-cert.pem
     allow = ["10.0.0.0/8"]       # TCP clients from these networks only (default: everyone)
+    metrics = "127.0.0.1:9810"   # Prometheus metrics at http://127.0.0.1:9810/metrics
 
     [exports.disk]
     file = "disk.qed"            # relative paths are relative to the config file
@@ -38,7 +39,7 @@ DEFAULT_BIND: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 10809  # the IANA port for NBD
 _SERVER_KEYS: Final = frozenset(
     {"bind", "port", "socket", "max-clients", "default", "exports"}
-    | {"tls", "tls-creds", "tls-verify-peer", "allow"}
+    | {"tls", "tls-creds", "tls-verify-peer", "allow", "metrics"}
 )
 _EXPORT_KEYS: Final = frozenset({"file", "read-only", "description", "tls-only"})
 TLS_MODES: Final = ("off", "on", "require")
@@ -66,6 +67,7 @@ class ServerConfig:
     tls_creds: str | None = None  # directory with ca-cert.pem, server-cert.pem, server-key.pem
     tls_verify_peer: bool = False
     allow: tuple[str, ...] = ()  # networks (CIDR) TCP clients may come from; () = any
+    metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,7 @@ class CommandLine:
     tls_creds: str | None = None
     tls_verify_peer: bool = False
     allow: Sequence[str] = ()
+    metrics: str | None = None
 
 
 def _typed(table: Mapping[str, object], key: str, kind: type, where: str) -> object:
@@ -208,7 +211,19 @@ def build(cmd: CommandLine) -> ServerConfig:
         tls_creds=tls_creds,
         tls_verify_peer=verify_peer,
         allow=allow,
+        metrics=_address(cmd.metrics if cmd.metrics is not None else _str(data, "metrics", where), where),
     )
+
+
+def _address(value: str | None, where: str) -> tuple[str, int] | None:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces) → (host, port)."""
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: metrics address {value!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
 
 
 def _str_list(table: Mapping[str, object], key: str, where: str) -> list[str]:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from qednbd.errors import ImageError
+from qednbd.metrics import ExportStats
 from qednbd.nbd.constants import (
     BASE_ALLOCATION,
     QEMU_ALLOCATION_DEPTH,
@@ -138,6 +139,7 @@ class Export:
         self.name = name
         self.image = image
         self.read_only = read_only or image.read_only
+        self.stats = ExportStats()  # kept by the server, read by --metrics
         self._info = ExportInfo(
             name=name,
             size=image.size,

@@ -10,11 +10,12 @@ image read-only and serves a dirty image as it is (a read-only open never writes
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from qednbd import server
+from qednbd import metrics, server
 from qednbd.config import ServerConfig
 from qednbd.errors import ConfigError, QednbdError
 from qednbd.export import Export
@@ -57,6 +58,35 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
     return server.ExportSet(opened, conf.default_export)
 
 
+def _startup(export: Export) -> tuple[str, dict[str, int]]:
+    """What opening the export's image found, for the metrics."""
+    image = export.image
+    r = image.recovery
+    if r is None:
+        return ("dirty-read-only" if image.opened_dirty else "clean"), {}
+    counts = {
+        "corruptions_fixed": r.corruptions_fixed,
+        "leaks_fixed": r.leaks_fixed,
+        "entries_cleared": r.entries_cleared,
+        "clusters_truncated": r.clusters_truncated,
+    }
+    return ("repaired" if r.changed else "nothing-to-repair"), counts
+
+
+def _views(exports: server.ExportSet) -> list[metrics.ExportView]:
+    views = []
+    for export in exports.exports.values():
+        outcome, counts = _startup(export)
+        views.append(
+            metrics.ExportView(export.name, export.stats, functools.partial(_dirty, export), outcome, counts)
+        )
+    return views
+
+
+def _dirty(export: Export) -> bool:
+    return bool(export.image.header.need_check)
+
+
 def serve(conf: ServerConfig, fds: Sequence[int]) -> int:
     exports = open_exports(conf)
 
@@ -68,6 +98,14 @@ def serve(conf: ServerConfig, fds: Sequence[int]) -> int:
             default = " (default export)" if export.name == conf.default_export else ""
             path, size = export.image.path, export.info.size
             log.info("export %r: %s, %d bytes, %s%s", export.name, path, size, mode, default)
+        if conf.metrics is not None:
+            host, port = conf.metrics
+            try:
+                host, port = metrics.serve_metrics(host, port, functools.partial(_views, exports))
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics on http://%s:%d/metrics", shown, port)
         if conf.pid_file:
             try:
                 with open(conf.pid_file, "w") as f:

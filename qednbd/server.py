@@ -55,6 +55,7 @@ import signal
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
@@ -62,6 +63,7 @@ from qednbd.config import ServerConfig
 from qednbd.errors import ConfigError, QednbdError
 from qednbd.export import Export, ZeroCopy
 from qednbd.loop import SpinningSelector
+from qednbd.metrics import N_COMMANDS
 from qednbd.nbd.constants import Command, Errno
 from qednbd.nbd.handshake import (
     NEED_DATA,
@@ -118,6 +120,7 @@ SHUTDOWN_GRACE_SECONDS: Final = 10.0
 SD_LISTEN_FDS_START: Final = 3
 
 
+_monotonic: Final = time.monotonic
 _READ: Final = int(Command.READ)
 _WRITE: Final = int(Command.WRITE)
 _CHANGES_DATA: Final = frozenset(int(c) for c in (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM))
@@ -179,6 +182,8 @@ class Connection(asyncio.BufferedProtocol):
         self._tls = False  # the connection did STARTTLS
         self._tls_task: asyncio.Task[None] | None = None
         self._tls_early: bytearray | None = None  # options that arrive while start_tls finishes
+        self.requests = self.bytes_read = self.bytes_written = self.errors = 0  # this connection's
+        self._since = 0.0  # when transmission started
         self._transmission: Transmission | None = None
         self._export: Export | None = None
         self._contexts: tuple[MetaContext, ...] = ()
@@ -285,8 +290,30 @@ class Connection(asyncio.BufferedProtocol):
             if timer is not None:
                 timer.cancel()
         self._server.connections.discard(self)
-        if self._export is not None:
-            log.info("%s: disconnected from export %r", self._peer, self._export.name)
+        if self._export is not None and self._transmission is not None:
+            self._export.stats.connections -= 1
+            seconds = _monotonic() - self._since
+            log.info(
+                "%s: export %r closed after %.1f s: %d requests, %d bytes read, %d written, %d errors",
+                self._peer,
+                self._export.name,
+                seconds,
+                self.requests,
+                self.bytes_read,
+                self.bytes_written,
+                self.errors,
+                extra={
+                    "event": "disconnect",
+                    "client": self._peer,
+                    "export": self._export.name,
+                    "seconds": round(seconds, 3),
+                    "requests": self.requests,
+                    "bytes_read": self.bytes_read,
+                    "bytes_written": self.bytes_written,
+                    "errors": self.errors,
+                    "tls": self._tls,
+                },
+            )
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -331,6 +358,11 @@ class Connection(asyncio.BufferedProtocol):
         assert isinstance(event, Ready)
         self._start_transmission(event, hs.trailing_data)
 
+    def _count_error(self, nbd_errno: int) -> None:
+        self.errors += 1
+        if self._export is not None:
+            self._export.stats.error(nbd_errno)
+
     async def _start_tls(self) -> None:
         """STARTTLS was ACKed: run the TLS handshake on this connection, then go on negotiating."""
         transport, context = self._transport, self._server.tls_context
@@ -359,6 +391,10 @@ class Connection(asyncio.BufferedProtocol):
         self._export = self._server.exports.exports[ready.export.name]
         self._contexts = ready.negotiated.meta_contexts
         self._transmission = Transmission(ready)
+        self._transmission.replies.on_error = self._count_error
+        self._since = _monotonic()
+        self._export.stats.connections += 1
+        self._export.stats.connections_total += 1
         log.info(
             "%s: export %r, %s replies%s%s",
             self._peer,
@@ -366,6 +402,13 @@ class Connection(asyncio.BufferedProtocol):
             self._transmission.replies.mode.name.lower(),
             ", TLS" if self._tls else "",
             "".join(f", {c.name}" for c in self._contexts),
+            extra={
+                "event": "connect",
+                "client": self._peer,
+                "export": ready.export.name,
+                "replies": self._transmission.replies.mode.name.lower(),
+                "tls": self._tls,
+            },
         )
         if trailing:
             self._transmission.receive_data(trailing)
@@ -390,6 +433,9 @@ class Connection(asyncio.BufferedProtocol):
         batch_bytes = 0
         answered = 0
         last_length = 0
+        started = _monotonic()
+        reads = read_bytes = writes = write_bytes = 0  # fast-path counts, for the statistics
+        others = [0] * N_COMMANDS  # other requests answered in this pass, by command
         try:
             while not self._pause_reasons and not self._closing:
                 if batch_bytes >= MAX_BATCH_BYTES:
@@ -411,6 +457,8 @@ class Connection(asyncio.BufferedProtocol):
                     if inline is not None:
                         batch += inline
                         batch_bytes += event.length
+                        reads += 1
+                        read_bytes += event.length
                         continue
                 elif (  # the fast path: overwrites without FUA
                     event.command == _WRITE
@@ -421,11 +469,14 @@ class Connection(asyncio.BufferedProtocol):
                     self._unflushed = True
                     batch.append(replies.ok_reply(event))
                     batch_bytes += 16
+                    writes += 1
+                    write_bytes += event.length
                     continue
                 if event.error:
                     error = replies.error(event, event.error, event.message)
                     batch.append(error)
                     batch_bytes += len(error)
+                    others[event.command % N_COMMANDS] += 1
                     continue
                 if event.command == Command.DISC:
                     # No reply; answer what is in flight, flush what this client wrote, then close.
@@ -437,6 +488,7 @@ class Connection(asyncio.BufferedProtocol):
                     error = replies.error(event, Errno.ESHUTDOWN, "server is shutting down")
                     batch.append(error)
                     batch_bytes += len(error)
+                    others[event.command % N_COMMANDS] += 1
                     continue
                 if event.command in _CHANGES_DATA:
                     self._unflushed = True
@@ -450,7 +502,14 @@ class Connection(asyncio.BufferedProtocol):
                     log.exception("%s: %s failed unexpectedly", self._peer, command_name(event.command))
                     self._server.internal_errors += 1
                     batch.append(replies.error(event, Errno.EIO, "internal server error"))
+                    others[event.command % N_COMMANDS] += 1
                     continue
+                if reply.background is None and not reply.flush_first:  # answered in this pass
+                    others[event.command % N_COMMANDS] += 1
+                    if event.command == _READ:
+                        read_bytes += event.length
+                    elif event.command == _WRITE:
+                        write_bytes += event.length
                 if reply.background is not None:
                     self._in_background(event, self._server.read_pool, reply.background, event.length)
                 elif reply.flush_first:
@@ -477,10 +536,35 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             if batch:
                 transport.writelines(batch)
+            if answered:
+                self._account(started, reads, read_bytes, writes, write_bytes, others)
         if self._closing:
             self._finish()
         elif answered == 1 and last_length < BATCH_REPLY_BYTES:
             self._server.expect_soon()  # a lone small request: its client may be latency-bound
+
+    def _account(
+        self, started: float, reads: int, read_bytes: int, writes: int, write_bytes: int, others: list[int]
+    ) -> None:
+        """Add one pass's requests to the export's statistics and this connection's totals."""
+        assert self._export is not None
+        stats = self._export.stats
+        seconds = _monotonic() - started
+        reads += others[_READ]
+        writes += others[_WRITE]
+        others[_READ] = others[_WRITE] = 0
+        if reads:
+            stats.record(_READ, reads, read_bytes, seconds)
+        if writes:
+            stats.record(_WRITE, writes, write_bytes, seconds)
+        total = reads + writes
+        for command, count in enumerate(others):
+            if count:
+                stats.record(command, count, 0, seconds)
+                total += count
+        self.requests += total
+        self.bytes_read += read_bytes
+        self.bytes_written += write_bytes
 
     def _send_zero_copy(self, export: Export, zc: ZeroCopy) -> None:
         """Header, then the file bytes with sendfile, straight to the socket when nothing is queued
@@ -523,10 +607,19 @@ class Connection(asyncio.BufferedProtocol):
         assert export is not None
         future = self._loop.run_in_executor(pool, work)
         self._waiting_bytes += reply_bytes
+        started = _monotonic()
 
         def done(fut: asyncio.Future[list[Buffer]]) -> None:
             self._waiting.discard(fut)
             self._waiting_bytes -= reply_bytes
+            command = request.command
+            nbytes = request.length if command in (_READ, _WRITE) and not fut.exception() else 0
+            export.stats.record(command, 1, nbytes, _monotonic() - started)
+            self.requests += 1
+            if command == _READ:
+                self.bytes_read += nbytes
+            elif command == _WRITE:
+                self.bytes_written += nbytes
             transport = self._transport
             if transport is None or transport.is_closing():
                 return

@@ -18,7 +18,7 @@ from pathlib import Path
 from helpers import REPO_ROOT, StrPath
 
 START_TIMEOUT = 30.0  # seconds; opening includes a repair of a dirty image
-_LISTEN_RE = re.compile(r"listening on (\S+)")
+_LISTEN_RE = re.compile(r"listening on ([^\s\"]+)")  # text or JSON log lines
 
 
 class RunningServer:

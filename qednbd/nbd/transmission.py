@@ -508,6 +508,10 @@ class ReplyMode(enum.Enum):
     EXTENDED = "extended reply chunks only"
 
 
+def _ignore(nbd_errno: int) -> None:
+    pass
+
+
 def _simple_ok(request: Request) -> bytes:
     return _PACK_SIMPLE(_SIMPLE_MAGIC, 0, request.cookie)
 
@@ -527,6 +531,7 @@ class ReplyEncoder:
 
     def __init__(self, mode: ReplyMode) -> None:
         self.mode = mode
+        self.on_error: Callable[[int], None] = _ignore  # told the errno of every error reply
         # What goes before the data of a successful READ answered in one piece: per request, so
         # the common mode gets a function without data_header's checks and keyword arguments.
         self.read_header: Callable[[Request], bytes] = (
@@ -567,6 +572,7 @@ class ReplyEncoder:
         """The final reply for a failed request: a simple reply, or an ERROR chunk with a message."""
         if not error:
             raise ValueError("an error reply needs a nonzero error")
+        self.on_error(error)
         if self.mode is ReplyMode.SIMPLE:
             return self.simple(request, error)
         text = encode_message(message)
@@ -579,6 +585,7 @@ class ReplyEncoder:
         """An ERROR_OFFSET chunk: the request failed at ``offset``."""
         if not error:
             raise ValueError("an error reply needs a nonzero error")
+        self.on_error(error)
         text = encode_message(message)
         payload = ERROR_PREFIX.pack(error, len(text)) + text + ERROR_OFFSET_SUFFIX.pack(offset)
         return self.chunk_header(request, ReplyType.ERROR_OFFSET, len(payload), done) + payload

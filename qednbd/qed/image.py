@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from qednbd.errors import ImageError, InvalidImage, UnsupportedFeature
 from qednbd.qed import format as fmt
@@ -52,6 +52,9 @@ from qednbd.qed.backing import (
 from qednbd.qed.geometry import Geometry
 from qednbd.qed.storage import FileStorage, Storage
 from qednbd.qed.tables import UNALLOCATED, ZERO_CLUSTER, L1Table, L2Cache, write_zeros
+
+if TYPE_CHECKING:
+    from qednbd.qed.repair import RepairResult
 
 IDLE_CLEAR_SECONDS = 5.0  # QEMU's QED_NEED_CHECK_TIMEOUT
 DEFAULT_MEMORY_LIMIT = 64 * 1024 * 1024  # bytes for L1 plus the L2 cache, per image
@@ -159,6 +162,7 @@ class QedImage:
         self.l1 = L1Table(storage, header.l1_table_offset, n_l1)
         self.l2 = L2Cache(storage, self.geometry.table_bytes, memory_limit - l1_bytes)
         self.opened_dirty = header.need_check
+        self.recovery: RepairResult | None = None  # what the open's check and repair did, if dirty
         if not self.read_only and header.autoclear_features & ~fmt.AUTOCLEAR_FEATURE_MASK:
             self._write_header(
                 replace(header, autoclear_features=header.autoclear_features & fmt.AUTOCLEAR_FEATURE_MASK)
@@ -189,7 +193,7 @@ class QedImage:
         from qednbd.qed.repair import recover_on_open  # repair builds on this module
 
         try:
-            recover_on_open(self)
+            self.recovery = recover_on_open(self)
         except BaseException:
             if self._backing is not None:
                 self._backing.close()
