@@ -169,6 +169,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="accept TCP clients only from this network (repeatable; default: any)",
     )
     p.add_argument(
+        "--allow-backing",
+        dest="allow_backing",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="backing files may also be in DIR (repeatable; default: only the image's own directory)",
+    )
+    p.add_argument(
         "--metrics",
         dest="metrics",
         metavar="ADDR:PORT",
@@ -411,6 +419,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tls_verify_peer=args.tls_verify_peer,
             allow=args.allow,
             metrics=args.metrics,
+            allow_backing=args.allow_backing,
         )
     )
     if args.tls_psk is not None:  # Python's ssl module has PSK only from 3.13 on; not built yet

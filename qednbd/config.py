@@ -12,6 +12,7 @@ A TOML file (``--config``) looks like this; every key is optional except ``file`
     tls-verify-peer = false      # clients must show a certificate signed by ca-cert.pem
     allow = ["10.0.0.0/8"]       # TCP clients from these networks only (default: everyone)
     metrics = "127.0.0.1:9810"   # Prometheus metrics at http://127.0.0.1:9810/metrics
+    allow-backing = ["/srv/golden"]  # backing files may also live here (default: the image's directory)
 
     [exports.disk]
     file = "disk.qed"            # relative paths are relative to the config file
@@ -39,7 +40,7 @@ DEFAULT_BIND: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 10809  # the IANA port for NBD
 _SERVER_KEYS: Final = frozenset(
     {"bind", "port", "socket", "max-clients", "default", "exports"}
-    | {"tls", "tls-creds", "tls-verify-peer", "allow", "metrics"}
+    | {"tls", "tls-creds", "tls-verify-peer", "allow", "metrics", "allow-backing"}
 )
 _EXPORT_KEYS: Final = frozenset({"file", "read-only", "description", "tls-only"})
 TLS_MODES: Final = ("off", "on", "require")
@@ -68,6 +69,7 @@ class ServerConfig:
     tls_verify_peer: bool = False
     allow: tuple[str, ...] = ()  # networks (CIDR) TCP clients may come from; () = any
     metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics
+    allow_backing: tuple[str, ...] = ()  # directories backing files may be in, besides the image's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class CommandLine:
     tls_verify_peer: bool = False
     allow: Sequence[str] = ()
     metrics: str | None = None
+    allow_backing: Sequence[str] = ()
 
 
 def _typed(table: Mapping[str, object], key: str, kind: type, where: str) -> object:
@@ -212,7 +215,21 @@ def build(cmd: CommandLine) -> ServerConfig:
         tls_verify_peer=verify_peer,
         allow=allow,
         metrics=_address(cmd.metrics if cmd.metrics is not None else _str(data, "metrics", where), where),
+        allow_backing=tuple(_backing_dirs(cmd, data, where)),
     )
+
+
+def _backing_dirs(cmd: CommandLine, data: Mapping[str, object], where: str) -> list[str]:
+    """--allow-backing directories (the file's are relative to it), as real paths."""
+    if cmd.allow_backing:
+        dirs = list(cmd.allow_backing)
+    else:
+        base = os.path.dirname(os.path.abspath(cmd.config_file or "."))
+        dirs = [os.path.join(base, d) for d in _str_list(data, "allow-backing", where)]
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise ConfigError(f"{where}: --allow-backing {d}: not a directory")
+    return [os.path.realpath(d) for d in dirs]
 
 
 def _address(value: str | None, where: str) -> tuple[str, int] | None:

@@ -29,6 +29,19 @@ def inherited_fds(environ: Mapping[str, str]) -> list[int]:
     return server.systemd_listen_fds(dict(environ), os.getpid())
 
 
+def _backing_outside(image: QedImage, allowed: Sequence[str]) -> str | None:
+    """The first file of the backing chain that is neither in the image's directory (or below)
+    nor in an allowed one (real paths: a symlink does not get a file out), or None."""
+    roots = [os.path.dirname(os.path.realpath(image.path)), *allowed]
+    layer = image.backing
+    while layer is not None:
+        real = os.path.realpath(layer.path)
+        if not any(os.path.commonpath([real, root]) == root for root in roots):
+            return layer.path
+        layer = layer.backing
+    return None
+
+
 def open_exports(conf: ServerConfig) -> server.ExportSet:
     seen: dict[str, bool] = {}
     opened: list[Export] = []
@@ -44,6 +57,13 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
                 raise ConfigError(f"{ec.path}: {exc}") from None
             except OSError as exc:
                 raise ConfigError(f"{ec.path}: {exc.strerror or exc}") from None
+            outside = _backing_outside(image, conf.allow_backing)
+            if outside is not None:
+                image.close()
+                raise ConfigError(
+                    f"{ec.path}: backing file {outside} is outside the image's directory "
+                    "(allow it with --allow-backing DIR)"
+                )
             if image.opened_dirty and ec.read_only:
                 log.warning("%s was not closed cleanly; served read-only without repair", ec.path)
             opened.append(
