@@ -287,7 +287,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.repair:
         with QedImage.open(args.filename, open_backing=False, recover=False) as image:
-            result = repair(image, args.repair)
+            result = repair(image, args.repair, _terminal_progress())
         report = replace(
             result.after, corruptions_fixed=result.corruptions_fixed, leaks_fixed=result.leaks_fixed
         )

@@ -13,7 +13,8 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from qednbd import metrics, server
 from qednbd.config import ServerConfig
@@ -27,6 +28,31 @@ log = logging.getLogger("qednbd.serve")
 def inherited_fds(environ: Mapping[str, str]) -> list[int]:
     """Listening sockets passed by systemd socket activation, if they are meant for us."""
     return server.systemd_listen_fds(dict(environ), os.getpid())
+
+
+# Start-up repair of a large image takes a while: say how far it got this often.
+PROGRESS_LOG_SECONDS = 2.0
+
+
+class LogProgress:
+    """Progress of the start-up check and repair, in the log: nothing for a quick one, then a
+    line every ``every`` seconds (the repair logs its result itself)."""
+
+    def __init__(
+        self, what: str, every: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._what = what
+        self._every = PROGRESS_LOG_SECONDS if every is None else every
+        self._clock = clock
+        self._next: float | None = None
+
+    def __call__(self, fraction: float) -> None:
+        now = self._clock()
+        if self._next is None:
+            self._next = now + self._every
+        elif now >= self._next and fraction < 1.0:
+            log.info("%s was not closed cleanly: check and repair %.0f%% done", self._what, 100.0 * fraction)
+            self._next = now + self._every
 
 
 def _backing_outside(image: QedImage, allowed: Sequence[str]) -> str | None:
@@ -52,7 +78,7 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
                 raise ConfigError(f"{ec.path} is exported twice and at least once writable")
             seen[real] = ec.read_only
             try:
-                image = QedImage.open(ec.path, read_only=ec.read_only)
+                image = QedImage.open(ec.path, read_only=ec.read_only, recover_progress=LogProgress(ec.path))
             except QednbdError as exc:
                 raise ConfigError(f"{ec.path}: {exc}") from None
             except OSError as exc:

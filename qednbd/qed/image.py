@@ -134,6 +134,7 @@ class QedImage:
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         clock: Callable[[], float] = time.monotonic,
         recover: bool = True,
+        recover_progress: Callable[[float], None] | None = None,
         _chain: tuple[str, ...] = (),
     ) -> None:
         self.storage = storage
@@ -175,7 +176,7 @@ class QedImage:
                 (*_chain, os.path.realpath(path)),
             )
         if recover and self.opened_dirty and not self.read_only:
-            self._recover()
+            self._recover(recover_progress)
 
     @property
     def file_size(self) -> int:
@@ -188,12 +189,12 @@ class QedImage:
             self._valid_tables.clear()
         self._file_size = value
 
-    def _recover(self) -> None:
+    def _recover(self, progress: Callable[[float], None] | None) -> None:
         """A read-write open of a dirty image: check and repair first (QEMU does too)."""
         from qednbd.qed.repair import recover_on_open  # repair builds on this module
 
         try:
-            self.recovery = recover_on_open(self)
+            self.recovery = recover_on_open(self, progress)
         except BaseException:
             if self._backing is not None:
                 self._backing.close()
@@ -211,9 +212,11 @@ class QedImage:
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         clock: Callable[[], float] = time.monotonic,
         recover: bool = True,
+        recover_progress: Callable[[float], None] | None = None,
     ) -> QedImage:
         """Open an image; a read-write open of a dirty image checks and repairs it first
-        (``recover=False`` leaves that to the caller, as ``qednbd check -r`` does)."""
+        (``recover=False`` leaves that to the caller, as ``qednbd check -r`` does), reporting
+        how far it got to ``recover_progress``."""
         storage = FileStorage(path, read_only=read_only)
         try:
             return cls(
@@ -223,6 +226,7 @@ class QedImage:
                 memory_limit=memory_limit,
                 clock=clock,
                 recover=recover,
+                recover_progress=recover_progress,
             )
         except BaseException:
             storage.close()

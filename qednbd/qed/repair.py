@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import logging
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -319,11 +319,22 @@ class _Repairer:
             self.punched += n
 
 
-def repair(image: QedImage, mode: Mode = "all") -> RepairResult:
-    """Repair ``image`` (opened read-write) in the order the module docstring states."""
+def _part(progress: Callable[[float], None] | None, lo: float, hi: float) -> Callable[[float], None] | None:
+    """``progress`` for a step that covers [lo, hi] of the whole (check reports 0..1)."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda fraction: report(lo + (hi - lo) * min(1.0, fraction))
+
+
+def repair(
+    image: QedImage, mode: Mode = "all", progress: Callable[[float], None] | None = None
+) -> RepairResult:
+    """Repair ``image`` (opened read-write) in the order the module docstring states.
+    ``progress`` gets the fraction done now and then (two checks are most of the work)."""
     if image.read_only:
         raise ImageError(errno.EROFS, "cannot repair an image opened read-only")
-    before = check(image)
+    before = check(image, _part(progress, 0.0, 0.45))
     if before.check_errors:  # tables we cannot read: repairing around them could lose data
         return RepairResult(before, before, 0, 0, 0, 0, 0)
     image.set_need_check()  # phase 1
@@ -335,7 +346,9 @@ def repair(image: QedImage, mode: Mode = "all") -> RepairResult:
         worker.split_phase(kept, splits)
     worker.punch_phase(used)
     image.reload_tables()
-    after = check(image)
+    if progress is not None:
+        progress(0.55)
+    after = check(image, _part(progress, 0.55, 1.0))
     if not after.corruptions and not after.check_errors:
         image.mark_checked()
         image.clear_need_check()
@@ -351,12 +364,12 @@ def repair(image: QedImage, mode: Mode = "all") -> RepairResult:
     return result
 
 
-def recover_on_open(image: QedImage) -> RepairResult:
+def recover_on_open(image: QedImage, progress: Callable[[float], None] | None = None) -> RepairResult:
     """What a read-write open of a dirty image does: check, repair everything, log it.
 
     Raises if the image cannot be made safe (I/O errors, or damage that remains).
     """
-    result = repair(image, "all")
+    result = repair(image, "all", progress)
     if result.changed:
         log.warning("%s was not closed cleanly; repaired: %s", image.path, result.summary())
     else:

@@ -185,15 +185,15 @@ def test_with_a_backing_file_the_data_flush_alone_keeps_tables_safe(envs, monkey
 
 
 def test_harness_finds_an_open_that_does_not_recover(envs, monkeypatch):
-    monkeypatch.setattr(image_module.QedImage, "_recover", lambda self: None)
+    monkeypatch.setattr(image_module.QedImage, "_recover", lambda self, progress: None)
     assert "C1" in _violations(envs["ts1"], [("W0",), ("ZODD",)])
 
 
 def test_harness_finds_reads_of_another_offset(envs, monkeypatch):
     real_recover, real_read = image_module.QedImage._recover, image_module.QedImage.read
 
-    def recover(self):
-        real_recover(self)
+    def recover(self, progress):
+        real_recover(self, progress)
         self.swapped = True  # after a recovery, this image misreads (below)
 
     def read(self, pos, length):  # the first two sectors of a read come back swapped
