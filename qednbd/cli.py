@@ -66,11 +66,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qednbd", description="QED images: create, inspect, convert (and serve).")
+    parser = _Parser(
+        prog="qednbd",
+        description="QED disk images: create, inspect, check and repair, convert, and serve over NBD.",
+        epilog="Each command has its own --help. Documentation: docs/serve.md, docs/operations.md, "
+        "docs/check.md, docs/format.md in the source tree.",
+    )
     parser.add_argument("--version", action="version", version=f"qednbd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("create", help="create a new QED image")
+    p = sub.add_parser(
+        "create",
+        help="create a new QED image",
+        description="Create a QED image as qemu-img create -f qed does (same header, same tables).",
+    )
     p.add_argument("-f", dest="format", default="qed", choices=["qed"], help="image format (qed)")
     p.add_argument("-o", dest="options", help="cluster_size=SIZE,table_size=N")
     p.add_argument("-b", dest="backing", help="backing file (relative to the image's directory)")
@@ -78,13 +87,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("filename")
     p.add_argument("size", nargs="?", help="bytes or K/M/G/T suffix; defaults to the backing file's")
 
-    p = sub.add_parser("info", help="show an image's header information")
-    p.add_argument("--output", choices=["human", "json"], default="human")
-    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
-    p.add_argument("filename")
+    p = sub.add_parser(
+        "info",
+        help="show an image's header information",
+        description="Show what qemu-img info shows: sizes, cluster size, backing file, dirty flag.",
+    )
+    p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
+    p.add_argument("filename", help="the QED image")
 
-    p = sub.add_parser("check", help="check an image's tables for corruption and leaks (-r repairs)")
-    p.add_argument("--output", choices=["human", "json"], default="human")
+    p = sub.add_parser(
+        "check",
+        help="check an image's tables for corruption and leaks (-r repairs)",
+        description="Check every table and cluster reference as qemu-img check does; exit 0 clean, "
+        "1 check incomplete (I/O errors), 2 corruptions, 3 leaks only. Progress on a terminal.",
+    )
+    p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed")
     p.add_argument(
         "-r",
@@ -95,30 +113,48 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("filename")
 
-    p = sub.add_parser("map", help="show allocation through the backing chain")
-    p.add_argument("--output", choices=["human", "json"], default="human")
-    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
-    p.add_argument("filename")
+    p = sub.add_parser(
+        "map",
+        help="show allocation through the backing chain",
+        description="List the image's extents as qemu-img map does (data, zero, depth, offset).",
+    )
+    p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
+    p.add_argument("filename", help="the QED image")
 
-    p = sub.add_parser("convert", help="copy an image to raw or QED, sparse")
-    p.add_argument("-f", dest="src_format", choices=["raw", "qed"])
-    p.add_argument("-O", dest="dst_format", choices=["raw", "qed"], default="raw")
+    p = sub.add_parser(
+        "convert",
+        help="copy an image to raw or QED, sparse",
+        description="Copy the guest-visible contents (backing chain included) to a new raw or QED "
+        "file, skipping zeros; a failed copy leaves no partial destination behind.",
+    )
+    p.add_argument("-f", dest="src_format", choices=["raw", "qed"], help="source format (probed if unset)")
+    p.add_argument("-O", dest="dst_format", choices=["raw", "qed"], default="raw", help="output format")
     p.add_argument("-o", dest="options", help="cluster_size=SIZE,table_size=N (QED output)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("source")
-    p.add_argument("destination")
+    p.add_argument("source", help="raw or QED image")
+    p.add_argument("destination", help="file to write (replaced if it exists)")
 
-    p = sub.add_parser("resize", help="grow an image (header only)")
-    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
-    p.add_argument("filename")
+    p = sub.add_parser(
+        "resize",
+        help="grow an image (header only)",
+        description="Grow an image's virtual size; only the header changes (shrinking is not "
+        "supported, as in QEMU).",
+    )
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
+    p.add_argument("filename", help="the QED image")
     p.add_argument("size", help="new size, or +SIZE to grow by SIZE")
 
-    p = sub.add_parser("rebase", help="change the backing file name (unsafe: data is not copied)")
+    p = sub.add_parser(
+        "rebase",
+        help="change the backing file name (unsafe: data is not copied)",
+        description="Point the image at another backing file (qemu-img rebase -u): no data moves.",
+    )
     p.add_argument("-u", dest="unsafe", action="store_true", required=True, help="unsafe (header-only)")
     p.add_argument("-b", dest="backing", required=True, help="new backing file, '' for none")
     p.add_argument("-F", dest="backing_format", choices=["raw", "qed"])
-    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
-    p.add_argument("filename")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
+    p.add_argument("filename", help="the QED image")
 
     p = sub.add_parser(
         "serve",
@@ -189,7 +225,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default="text",
         help="text (default) or JSON lines on stderr",
     )
-    p.add_argument("files", nargs="*", metavar="FILE")
+    p.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="a QED image to export (named after the file; see -x, --config)",
+    )
     return parser
 
 
