@@ -470,21 +470,30 @@ class QedImage:
                 )
         return plan
 
+    def _data_offset(self, pos: int, length: int) -> int:
+        """Where [pos, pos+length) is in the file if it lies in one data cluster of this image,
+        else -1: the one lookup of the small-READ and small-WRITE fast paths."""
+        g = self.geometry
+        within = pos & g.cluster_mask
+        if (
+            within + length > g.cluster_size
+            or length <= 0
+            or pos < 0
+            or pos + length > self.header.image_size
+        ):
+            return -1
+        entry = self._entry_at(pos)
+        return entry + within if entry > ZERO_CLUSTER else -1
+
     def read_cached(self, pos: int, length: int) -> bytes | bytearray | None:
         """[pos, pos+length) if it lies in one data cluster of this image and the page cache holds
         it, else None (then :meth:`read_plan` says how to produce it). The small-READ fast path:
         one table lookup and one ``preadv(RWF_NOWAIT)``, no plan."""
-        g = self.geometry
-        within = pos & g.cluster_mask
-        if within + length > g.cluster_size or length <= 0 or pos < 0:
-            return None
-        if pos + length > self.header.image_size:
-            return None
-        entry = self._entry_at(pos)
-        if entry <= ZERO_CLUSTER:
-            return None
+        host = self._data_offset(pos, length)
         storage = self.storage
-        return storage.pread_nowait(length, entry + within) if isinstance(storage, FileStorage) else None
+        if host < 0 or not isinstance(storage, FileStorage):
+            return None
+        return storage.pread_nowait(length, host)
 
     def read_host(self, host_offset: int, length: int) -> bytes:
         """Read bytes of this image's file (a planned data extent). Safe on any thread."""
@@ -550,17 +559,10 @@ class QedImage:
     def write_in_place(self, pos: int, data: bytes | bytearray) -> bool:
         """Write ``data`` at ``pos`` if that lies in one data cluster of this image (nothing but
         the data changes), else False: then :meth:`write`. The small-WRITE fast path."""
-        g = self.geometry
-        length = len(data)
-        within = pos & g.cluster_mask
-        if within + length > g.cluster_size or length <= 0 or pos < 0 or self.read_only:
+        host = -1 if self.read_only else self._data_offset(pos, len(data))
+        if host < 0:
             return False
-        if pos + length > self.header.image_size:
-            return False
-        entry = self._entry_at(pos)
-        if entry <= ZERO_CLUSTER:
-            return False
-        self.storage.pwrite(data, entry + within)
+        self.storage.pwrite(data, host)
         return True
 
     def write(self, pos: int, data: bytes | bytearray | memoryview) -> None:
