@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
@@ -46,9 +47,11 @@ from qednbd.nbd.constants import (
     TransmissionFlag,
 )
 from qednbd.nbd.handshake import DEFAULT_EXPORT_FLAGS, ExportInfo, MetaContext
-from qednbd.nbd.transmission import Buffer, ReplyEncoder, ReplyMode, Request
+from qednbd.nbd.transmission import Buffer, ReplyEncoder, ReplyMode, Request, command_name
 from qednbd.qed.image import Kind, QedImage, ReadPiece
 from qednbd.qed.mapping import map_image
+
+log = logging.getLogger("qednbd.export")
 
 # One BLOCK_STATUS reply describes at most this much of the export: the client's length is a hint,
 # and walking more tables than this in one go would hold up every other request on the loop.
@@ -122,6 +125,7 @@ class Reply(NamedTuple):
     flush_first: bool = False
     background: Callable[[], list[Buffer]] | None = None
     zero_copy: ZeroCopy | None = None
+    failed: bool = False  # an error reply (not counted as data moved)
 
 
 class Export:
@@ -135,6 +139,7 @@ class Export:
         description: str = "",
         read_only: bool = False,
         tls_only: bool = False,
+        multi_conn: bool = True,
     ) -> None:
         self.name = name
         self.image = image
@@ -145,7 +150,8 @@ class Export:
             size=image.size,
             read_only=self.read_only,
             description=description,
-            flags=READ_ONLY_EXPORT_FLAGS if self.read_only else DEFAULT_EXPORT_FLAGS,
+            flags=(READ_ONLY_EXPORT_FLAGS if self.read_only else DEFAULT_EXPORT_FLAGS)
+            & ~(0 if multi_conn else TransmissionFlag.CAN_MULTI_CONN),
             tls_only=tls_only,
         )
 
@@ -176,13 +182,23 @@ class Export:
 
     def error_reply(self, request: Request, replies: ReplyEncoder, exc: BaseException) -> Reply:
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        return Reply([replies.error(request, nbd_errno(exc), message)])
+        return Reply([replies.error(request, nbd_errno(exc), message)], failed=True)
 
     def handle(self, request: Request, replies: ReplyEncoder, contexts: tuple[MetaContext, ...]) -> Reply:
-        """Carry out one valid request; failures of the image become error replies."""
+        """Carry out one valid request; failures of the image become error replies (and a log
+        line: they mean a damaged image or a failing disk, not a client's mistake)."""
         try:
             return self._dispatch(request, replies, contexts)
         except (ImageError, OSError) as exc:
+            name = command_name(request.command)
+            log.warning(
+                "export %r: %s of %d bytes at %d failed: %s",
+                self.name,
+                name,
+                request.length,
+                request.offset,
+                exc,
+            )
             return self.error_reply(request, replies, exc)
 
     # --- commands -----------------------------------------------------------------------------
@@ -201,14 +217,19 @@ class Export:
             image.trim(request.offset, request.length)
         elif command == Command.WRITE_ZEROES:
             if request.flags & _FAST_ZERO and not self._zeroes_are_fast(request):
-                return Reply([replies.error(request, Errno.ENOTSUP, "zeroing this range needs data writes")])
+                return Reply(
+                    [replies.error(request, Errno.ENOTSUP, "zeroing this range needs data writes")],
+                    failed=True,
+                )
             image.write_zeroes(request.offset, request.length)
         elif command == Command.CACHE:
             pass  # a hint; the tables it would warm are read on demand anyway
         elif command == Command.BLOCK_STATUS:
             return Reply([self._block_status(request, replies, contexts)])
         else:  # the framing layer only passes commands it validated
-            return Reply([replies.error(request, Errno.EINVAL, f"command {command} is not supported")])
+            return Reply(
+                [replies.error(request, Errno.EINVAL, f"command {command} is not supported")], failed=True
+            )
         return Reply([replies.ok(request)], flush_first=request.fua and not self.read_only)
 
     def _zeroes_are_fast(self, request: Request) -> bool:

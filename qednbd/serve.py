@@ -94,7 +94,13 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
                 log.warning("%s was not closed cleanly; served read-only without repair", ec.path)
             opened.append(
                 Export(
-                    ec.name, image, description=ec.description, read_only=ec.read_only, tls_only=ec.tls_only
+                    ec.name,
+                    image,
+                    description=ec.description,
+                    read_only=ec.read_only,
+                    tls_only=ec.tls_only,
+                    # -e 1: a client that would open more connections must not be told to
+                    multi_conn=conf.max_clients != 1,
                 )
             )
     except BaseException:

@@ -506,7 +506,9 @@ class Connection(asyncio.BufferedProtocol):
                     continue
                 if reply.background is None and not reply.flush_first:  # answered in this pass
                     others[event.command % N_COMMANDS] += 1
-                    if event.command == _READ:
+                    if reply.failed:
+                        pass
+                    elif event.command == _READ:
                         read_bytes += event.length
                     elif event.command == _WRITE:
                         write_bytes += event.length

@@ -250,3 +250,17 @@ def test_two_connections_allocating_the_same_clusters_lose_nothing(
         assert client.read_ok(cluster, 128 * SECTOR) == want
     client.close()
     assert_healthy(again)
+
+
+def test_one_client_limit_does_not_advertise_multi_conn(nbd_server: StartServer, tmp_path: Path) -> None:
+    """With -e 1 a client that opens several connections when told it may (nbdcopy) would be
+    refused its second one; qemu-nbd also stops advertising multi-conn there."""
+    image = make_image(tmp_path)
+    env = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
+    single = nbd_server("-e", "1", image)
+    assert run(["nbdinfo", "--can", "multi-conn", single.uri()], check=False, env=env).returncode == 2
+    run(["nbdcopy", single.uri(), str(tmp_path / "copy.raw")], env=env)
+    qemu_img("compare", "-f", "raw", "-F", "qed", tmp_path / "copy.raw", image)
+    single.stop()
+    unlimited = nbd_server(image)
+    assert run(["nbdinfo", "--can", "multi-conn", unlimited.uri()], env=env).returncode == 0

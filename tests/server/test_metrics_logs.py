@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import qednbd, qemu_img, qemu_io
+from helpers import REPO_ROOT, qednbd, qemu_img, qemu_io
 from prometheus_client.parser import text_string_to_metric_families
 
 from qednbd.nbd.constants import Command, Errno
@@ -145,3 +145,19 @@ def test_text_log_is_the_default_and_metrics_errors_are_one_line(nbd_server, ima
         proc = qednbd("serve", "-p", "0", "--metrics", bad, image)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and "HOST:PORT" in lines[0], proc.stderr
+
+
+def test_a_failing_read_is_logged_and_counted_as_an_error_not_as_data(nbd_server, tmp_path: Path) -> None:
+    damaged = tmp_path / "l2-past-eof.qed"
+    damaged.write_bytes((REPO_ROOT / "tests" / "data" / "l2-past-eof.qed").read_bytes())
+    server = nbd_server("-r", "--metrics", "127.0.0.1:0", damaged, unix=True)
+    url = metrics_url(server)
+    with RawClient.unix(server.socket_path) as c:
+        c.handshake()
+        result = c.wait(c.send_request(Command.READ, 8192, 512))  # L2 entry 2 points past EOF
+        assert result.error == Errno.EIO
+    samples = scrape(url)
+    assert value(samples, "qednbd_errors_total", export="l2-past-eof.qed", errno="EIO") == 1
+    assert value(samples, "qednbd_requests_total", export="l2-past-eof.qed", command="READ") == 1
+    assert value(samples, "qednbd_bytes_total", export="l2-past-eof.qed", command="READ") == 0
+    assert re.search(r"export 'l2-past-eof.qed': READ of 512 bytes at 8192 failed: .*offset", server.log())
