@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, as PACKAGE=COMMAND,... (see need_debs in scripts/_venv.sh).
 # qemu-system-x86 boots the guests of tests/guest; the guests' own kernel and tools are fetched
-# there with apt-get download. openssl makes the TLS tests' certificates.
+# there with apt-get download. openssl makes the TLS tests' certificates. tests/deploy builds the
+# container image (debootstrap makes its base, buildah builds, podman runs it with runc; those two
+# live in /usr/sbin, so dpkg says whether they are there) and checks the systemd units.
 DEB_PACKAGES="qemu-utils=qemu-img,qemu-io,qemu-nbd libnbd-bin=nbdinfo,nbdsh,nbdcopy python3-libnbd
-  nbd-client fio=fio qemu-system-x86=qemu-system-x86_64 e2fsprogs=debugfs,e2fsck openssl=openssl"
+  nbd-client fio=fio qemu-system-x86=qemu-system-x86_64 e2fsprogs=debugfs,e2fsck openssl=openssl
+  debootstrap buildah=buildah podman=podman runc
+  systemd=systemd-analyze,systemd-socket-activate,systemd-sysusers"
 
 # shellcheck disable=SC2086  # one word per package
 need_debs $DEB_PACKAGES
@@ -18,7 +22,7 @@ make_venv
 pip_install -e '.[test]'
 
 lint_dirs=""
-for d in qednbd tests bench; do
+for d in qednbd tests bench deploy; do
     if [ -d "$d" ]; then lint_dirs="$lint_dirs $d"; fi
 done
 say "ruff check$lint_dirs"
