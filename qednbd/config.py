@@ -219,13 +219,17 @@ def build(cmd: CommandLine) -> ServerConfig:
     )
 
 
+def _from_file(cmd: CommandLine, path: str) -> str:
+    """A path the config file gives: relative to the file's directory (only a file has keys)."""
+    return os.path.join(os.path.dirname(os.path.abspath(cmd.config_file or ".")), path)
+
+
 def _backing_dirs(cmd: CommandLine, data: Mapping[str, object], where: str) -> list[str]:
     """--allow-backing directories (the file's are relative to it), as real paths."""
     if cmd.allow_backing:
         dirs = list(cmd.allow_backing)
     else:
-        base = os.path.dirname(os.path.abspath(cmd.config_file or "."))
-        dirs = [os.path.join(base, d) for d in _str_list(data, "allow-backing", where)]
+        dirs = [_from_file(cmd, d) for d in _str_list(data, "allow-backing", where)]
     for d in dirs:
         if not os.path.isdir(d):
             raise ConfigError(f"{where}: --allow-backing {d}: not a directory")
@@ -269,8 +273,7 @@ def _tls_settings(
     creds = cmd.tls_creds
     if creds is None and "tls-creds" in data:
         file_creds = _str(data, "tls-creds", where)
-        base = os.path.dirname(os.path.abspath(cmd.config_file or "."))
-        creds = os.path.join(base, file_creds) if file_creds is not None else None
+        creds = _from_file(cmd, file_creds) if file_creds is not None else None
     mode = cmd.tls if cmd.tls is not None else _str(data, "tls", where)
     if mode is None:
         mode = "require" if creds is not None else "off"

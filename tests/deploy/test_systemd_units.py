@@ -196,21 +196,9 @@ def test_socket_activation(family: str, tmp_path: Path) -> None:
         assert expected in text, text
 
         # More clients on the same inherited socket: write, then read back.
-        w = subprocess.run(
-            ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 3M", uri],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        w = qemu_io(uri, "write -P 0x5a 1M 3M", fmt="raw", check=False)
         assert w.returncode == 0 and "wrote 3145728/3145728" in w.stdout, w.stdout + w.stderr
-        rd = subprocess.run(
-            ["qemu-io", "-f", "raw", "-c", "read -P 0x5a 1M 3M", uri],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        rd = qemu_io(uri, "read -P 0x5a 1M 3M", fmt="raw", check=False)
         assert "read 3145728/3145728" in rd.stdout and "Pattern verification failed" not in rd.stdout, (
             rd.stdout
         )
