@@ -15,16 +15,20 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from qednbd import __version__
 from qednbd.errors import ConfigError, QednbdError
 from qednbd.qed import format as fmt
 
+if TYPE_CHECKING:
+    from qednbd.qed.locking import Access
+
 # Each command imports the modules it needs when it runs: `qednbd check` on a big image
 # is compared with qemu-img check, and importing every command's modules costs more
 # than the check of a sparse terabyte.
 
+_FORCE_SHARE_HELP = "open the image even if another program is writing it (qemu-img's -U)"
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
@@ -94,6 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true", help=_FORCE_SHARE_HELP)
     p.add_argument("filename", help="the QED image")
 
     p = sub.add_parser(
@@ -111,6 +116,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="repair: 'leaks' clears invalid offsets and frees leaked space; 'all' also splits "
         "clusters referenced twice and clears entries that point into metadata",
     )
+    p.add_argument(
+        "-U",
+        "--force-share",
+        dest="force_share",
+        action="store_true",
+        help=_FORCE_SHARE_HELP + " (not with -r)",
+    )
     p.add_argument("filename")
 
     p = sub.add_parser(
@@ -120,6 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true", help=_FORCE_SHARE_HELP)
     p.add_argument("filename", help="the QED image")
 
     p = sub.add_parser(
@@ -132,6 +145,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-O", dest="dst_format", choices=["raw", "qed"], default="raw", help="output format")
     p.add_argument("-o", dest="options", help="cluster_size=SIZE,table_size=N (QED output)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument(
+        "-U",
+        "--force-share",
+        dest="force_share",
+        action="store_true",
+        help=_FORCE_SHARE_HELP + " (the source)",
+    )
     p.add_argument("source", help="raw or QED image")
     p.add_argument("destination", help="file to write (replaced if it exists)")
 
@@ -168,6 +188,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-x", "--export-name", dest="name", help="export name (default: the file's name)")
     p.add_argument("-D", "--description", dest="description", help="export description")
     p.add_argument("-r", "--read-only", dest="read_only", action="store_true", help="export read-only")
+    p.add_argument(
+        "-U", "--force-share", dest="force_share", action="store_true", help=_FORCE_SHARE_HELP + " (needs -r)"
+    )
     p.add_argument("-e", "--shared", dest="max_clients", type=int, help="most clients at once (0: no limit)")
     p.add_argument("--config", dest="config_file", help="TOML file with several exports (see docs/serve.md)")
     p.add_argument("--pid-file", dest="pid_file", help="write the process id here once listening")
@@ -294,7 +317,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from qednbd.qed.info import human_info, image_info
     from qednbd.qed.storage import FileStorage
 
-    with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
+    access = _read_access(args, header_only=True)
+    with QedImage.open(args.filename, read_only=True, open_backing=False, access=access) as image:
         storage = image.storage
         actual = storage.allocated_bytes() if isinstance(storage, FileStorage) else 0
         info = image_info(image, actual)
@@ -303,6 +327,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(human_info(info))
     return 0
+
+
+def _read_access(args: argparse.Namespace, header_only: bool = False) -> Access:
+    """The locks a read-only command holds: a reader's (or, reading only the header, just the
+    refusal of writers), as qemu-img's; with -U nothing is refused to anyone."""
+    from qednbd.qed import locking
+
+    access = locking.INSPECTOR if header_only else locking.READER
+    return locking.shared(access) if args.force_share else access
 
 
 def _terminal_progress() -> Callable[[float], None] | None:
@@ -321,13 +354,18 @@ def _terminal_progress() -> Callable[[float], None] | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Exit status as qemu-img check's: 0 clean, 1 incomplete, 2 corruptions, 3 leaks only."""
+    """Exit status as qemu-img check's: 0 clean, 1 incomplete, 2 corruptions, 3 leaks only.
+
+    The backing chain is opened (and locked as a reader) as qemu-img check opens it, although
+    the check reads only the image's own tables: a chain that cannot be opened fails the check."""
     from qednbd.qed.check import check, report_human, report_json
     from qednbd.qed.image import QedImage
     from qednbd.qed.repair import repair
 
     if args.repair:
-        with QedImage.open(args.filename, open_backing=False, recover=False) as image:
+        if args.force_share:
+            raise ConfigError("force-share=on can only be used with read-only images (not with -r)")
+        with QedImage.open(args.filename, recover=False) as image:
             result = repair(image, args.repair, _terminal_progress())
         report = replace(
             result.after, corruptions_fixed=result.corruptions_fixed, leaks_fixed=result.leaks_fixed
@@ -339,7 +377,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "Double checking the fixed image now..."
             )
     else:
-        with QedImage.open(args.filename, read_only=True, open_backing=False) as image:
+        access = _read_access(args)
+        with QedImage.open(args.filename, read_only=True, access=access) as image:
             report = check(image, _terminal_progress())
     print(report_json(report, args.filename) if args.output == "json" else report_human(report))
     if report.check_errors:
@@ -353,7 +392,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     from qednbd.qed.image import QedImage
     from qednbd.qed.mapping import map_image
 
-    with QedImage.open(args.filename, read_only=True) as image:
+    with QedImage.open(args.filename, read_only=True, access=_read_access(args)) as image:
         extents = map_image(image)
     if args.output == "json":
         print("[" + ",\n".join(json.dumps(e.as_json()).replace("{", "{ ", 1) for e in extents) + "]")
@@ -370,7 +409,7 @@ def _hex(value: int) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from qednbd.convert import ConvertOptions, convert, remove_partial
+    from qednbd.convert import ConvertOptions, convert
 
     opts = parse_create_options(args.options)
     if opts and args.dst_format != "qed":
@@ -380,6 +419,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         dst_format=args.dst_format,
         cluster_size=opts.get("cluster_size", fmt.DEFAULT_CLUSTER_SIZE),
         table_size=opts.get("table_size", fmt.DEFAULT_TABLE_SIZE),
+        force_share=args.force_share,
     )
     if os.path.exists(args.destination) and os.path.samefile(args.source, args.destination):
         raise ConfigError("source and destination are the same file")
@@ -390,11 +430,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             sys.stdout.write(f"    ({percent:3.2f}/100%)\r")
             sys.stdout.flush()
 
-    try:
-        convert(args.source, args.destination, options, show)
-    except BaseException:
-        remove_partial(args.destination)
-        raise
+    convert(args.source, args.destination, options, show)
     if args.progress:
         sys.stdout.write("\n")
     return 0
@@ -452,6 +488,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             name=args.name,
             description=args.description,
             read_only=args.read_only,
+            force_share=args.force_share,
             max_clients=args.max_clients,
             config_file=args.config_file,
             pid_file=args.pid_file,
@@ -493,11 +530,26 @@ def _subject(args: argparse.Namespace) -> str:
     return ""
 
 
+def _log_warnings() -> None:
+    """Log records of the image commands (a filesystem without locks, say) as ``qednbd: warning: …``."""
+    import logging
+
+    class Plain(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"qednbd: {record.levelname.lower()}: {record.getMessage()}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Plain())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["resize"] and words[-1:] and re.match(r"-[0-9]", words[-1]):
         words.insert(len(words) - 1, "--")  # a negative size is an argument, not an option
     args = _build_parser().parse_args(words)
+    if args.command != "serve":  # serve sets up its own log; the others print warnings as _warn does
+        _log_warnings()
     try:
         code = COMMANDS[args.command](args)
     except (QednbdError, OSError) as exc:

@@ -19,6 +19,7 @@ A TOML file (``--config``) looks like this; every key is optional except ``file`
     read-only = false
     description = "the demo disk"
     tls-only = false             # with tls = "on": only clients that did STARTTLS see it
+    force-share = false          # with read-only: serve it while another program writes it (-U)
 
 Command-line flags win over the file's server keys; FILE arguments add exports. Unknown keys
 are errors (a typo must not silently serve something else). With exactly one export, it is
@@ -31,7 +32,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from qednbd.errors import ConfigError
@@ -42,7 +43,7 @@ _SERVER_KEYS: Final = frozenset(
     {"bind", "port", "socket", "max-clients", "default", "exports"}
     | {"tls", "tls-creds", "tls-verify-peer", "allow", "metrics", "allow-backing"}
 )
-_EXPORT_KEYS: Final = frozenset({"file", "read-only", "description", "tls-only"})
+_EXPORT_KEYS: Final = frozenset({"file", "read-only", "description", "tls-only", "force-share"})
 TLS_MODES: Final = ("off", "on", "require")
 
 
@@ -53,6 +54,7 @@ class ExportConfig:
     read_only: bool = False
     description: str = ""
     tls_only: bool = False
+    force_share: bool = False  # lock as a -U reader: another program may be writing the image
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class CommandLine:
     name: str | None = None
     description: str | None = None
     read_only: bool = False
+    force_share: bool = False
     max_clients: int | None = None
     config_file: str | None = None
     pid_file: str | None = None
@@ -148,6 +151,7 @@ def _file_exports(path: str, data: Mapping[str, object]) -> list[ExportConfig]:
                 read_only=_bool(table, "read-only", where),
                 description=_str(table, "description", where) or "",
                 tls_only=_bool(table, "tls-only", where),
+                force_share=_bool(table, "force-share", where),
             )
         )
     return out
@@ -175,7 +179,12 @@ def build(cmd: CommandLine) -> ServerConfig:
             )
         )
     if cmd.read_only:
-        exports = [ExportConfig(e.name, e.path, True, e.description, e.tls_only) for e in exports]
+        exports = [replace(e, read_only=True) for e in exports]
+    if cmd.force_share:
+        exports = [replace(e, force_share=True) for e in exports]
+    for e in exports:
+        if e.force_share and not e.read_only:
+            raise ConfigError(f"export {e.name!r}: force-share needs a read-only export (-r)")
     if not exports:
         raise ConfigError("nothing to serve: give an image FILE or a --config file with [exports.NAME]")
     names = [e.name for e in exports]

@@ -19,6 +19,7 @@ from qednbd.errors import ImageError
 from qednbd.qed import format as fmt
 from qednbd.qed.backing import RawLayer, probe_format
 from qednbd.qed.image import QedImage, create_image
+from qednbd.qed.locking import CREATOR, RAW_WRITER, READER, WRITER, Access, shared
 from qednbd.qed.mapping import map_image
 from qednbd.qed.storage import FileStorage
 
@@ -40,10 +41,11 @@ class ConvertOptions:
     dst_format: str = "raw"
     cluster_size: int = fmt.DEFAULT_CLUSTER_SIZE
     table_size: int = fmt.DEFAULT_TABLE_SIZE
+    force_share: bool = False  # -U: read the source even while another program writes it
 
 
-def detect_format(path: str) -> str:
-    storage = FileStorage(path, read_only=True)
+def detect_format(path: str, access: Access = READER) -> str:
+    storage = FileStorage(path, read_only=True, access=access)
     try:
         return probe_format(storage)
     finally:
@@ -96,21 +98,32 @@ class _Blamed(ImageError):
 
 
 class _Output:
-    """The destination: a new QED image or a sparse raw file."""
+    """The destination: a new QED image or a sparse raw file, written through ``storage`` (the
+    destination file, locked and emptied), which it owns from here on."""
 
-    def __init__(self, path: str, size: int, options: ConvertOptions) -> None:
+    def __init__(self, storage: FileStorage, path: str, size: int, options: ConvertOptions) -> None:
         self.qed: QedImage | None = None
         self.raw: FileStorage | None = None
         self.block = ZERO_SCAN_BYTES
-        if options.dst_format == "qed":
-            create_image(path, size, cluster_size=options.cluster_size, table_size=options.table_size)
-            self.qed = QedImage.open(path)
-            self.block = max(self.block, options.cluster_size)
-        elif options.dst_format == "raw":
-            self.raw = FileStorage(path, create=True)
-            self.raw.truncate(size)
-        else:
-            raise ImageError(errno.EINVAL, f"Unknown file format '{options.dst_format}'")
+        try:
+            if options.dst_format == "qed":
+                create_image(
+                    path,
+                    size,
+                    cluster_size=options.cluster_size,
+                    table_size=options.table_size,
+                    storage=storage,
+                )
+                storage.lock(WRITER)  # now QEMU's open of the new image: a writer's locks
+                self.qed = QedImage(storage, path)
+                self.block = max(self.block, options.cluster_size)
+            else:
+                storage.lock(RAW_WRITER)  # what qemu-img convert holds on a raw target
+                self.raw = storage
+                self.raw.truncate(size)
+        except BaseException:
+            storage.close()
+            raise
 
     def write(self, pos: int, data: bytes) -> None:
         if self.qed is not None:
@@ -132,45 +145,71 @@ def convert(
     options: ConvertOptions,
     progress: Callable[[float], None] | None = None,
 ) -> None:
-    """Copy ``src_path`` to a new ``dst_path``; errors name the file they belong to."""
+    """Copy ``src_path`` to ``dst_path`` (made or replaced); errors name the file they belong to.
+
+    The destination is locked as qemu-img convert locks its target (the create step's locks
+    before it is emptied, then a writer's) so a file another program has open is refused
+    untouched; once it has been emptied, a failure removes it rather than leave a partial
+    copy. The source is locked as a reader (``-U``: refusing nothing).
+    """
+    if options.dst_format not in ("qed", "raw"):
+        raise ImageError(errno.EINVAL, f"Unknown file format '{options.dst_format}'")
+    access = shared(READER) if options.force_share else READER
     with _blame(src_path):
-        src_format = options.src_format or detect_format(src_path)
+        src_format = options.src_format or detect_format(src_path, access)
         src: QedImage | RawLayer
         if src_format == "qed":
-            src = QedImage.open(src_path, read_only=True)
+            src = QedImage.open(src_path, read_only=True, access=access)
         elif src_format == "raw":
-            src = RawLayer(src_path)
+            src = RawLayer(src_path, FileStorage(src_path, read_only=True, access=access))
         else:
             raise ImageError(errno.EINVAL, f"Unknown file format '{src_format}'")
     try:
-        size = src.size
         with _blame(dst_path):
-            out = _Output(dst_path, size, options)
+            storage = FileStorage(dst_path, create=True, access=CREATOR)
         try:
-            block = out.block
-            with _blame(src_path):
-                ranges = list(_data_ranges(src, size))
-            for start, length in ranges:
-                end = start + length
-                # read block-aligned chunks so zero detection lines up with the output's clusters
-                pos = start - start % block
-                while pos < end:
-                    n = min(COPY_CHUNK_BYTES, end - pos, size - pos)
-                    with _blame(src_path):
-                        data = src.read(pos, n)
-                    with _blame(dst_path):
-                        for at, run in _nonzero_blocks(data, pos, block):
-                            out.write(at, run)
-                    pos += n
-                    if progress is not None and size:
-                        progress(min(100.0, 100.0 * pos / size))
-        finally:
-            with _blame(dst_path):
-                out.close()
-        if progress is not None:
-            progress(100.0)
+            _copy(src, storage, dst_path, src_path, options, progress)
+        except BaseException:
+            remove_partial(dst_path)
+            raise
     finally:
         src.close()
+
+
+def _copy(
+    src: QedImage | RawLayer,
+    storage: FileStorage,
+    dst_path: str,
+    src_path: str,
+    options: ConvertOptions,
+    progress: Callable[[float], None] | None,
+) -> None:
+    size = src.size
+    with _blame(dst_path):
+        out = _Output(storage, dst_path, size, options)
+    try:
+        block = out.block
+        with _blame(src_path):
+            ranges = list(_data_ranges(src, size))
+        for start, length in ranges:
+            end = start + length
+            # read block-aligned chunks so zero detection lines up with the output's clusters
+            pos = start - start % block
+            while pos < end:
+                n = min(COPY_CHUNK_BYTES, end - pos, size - pos)
+                with _blame(src_path):
+                    data = src.read(pos, n)
+                with _blame(dst_path):
+                    for at, run in _nonzero_blocks(data, pos, block):
+                        out.write(at, run)
+                pos += n
+                if progress is not None and size:
+                    progress(min(100.0, 100.0 * pos / size))
+    finally:
+        with _blame(dst_path):
+            out.close()
+    if progress is not None:
+        progress(100.0)
 
 
 def remove_partial(path: str) -> None:

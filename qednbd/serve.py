@@ -21,6 +21,7 @@ from qednbd.config import ServerConfig
 from qednbd.errors import ConfigError, QednbdError
 from qednbd.export import Export
 from qednbd.qed.image import QedImage
+from qednbd.qed.locking import SHARED_READER
 
 log = logging.getLogger("qednbd.serve")
 
@@ -78,7 +79,12 @@ def open_exports(conf: ServerConfig) -> server.ExportSet:
                 raise ConfigError(f"{ec.path} is exported twice and at least once writable")
             seen[real] = ec.read_only
             try:
-                image = QedImage.open(ec.path, read_only=ec.read_only, recover_progress=LogProgress(ec.path))
+                image = QedImage.open(
+                    ec.path,
+                    read_only=ec.read_only,
+                    recover_progress=LogProgress(ec.path),
+                    access=SHARED_READER if ec.force_share else None,
+                )
             except QednbdError as exc:
                 raise ConfigError(f"{ec.path}: {exc}") from None
             except OSError as exc:

@@ -10,11 +10,13 @@ cd "$(dirname "$0")/.."
 # qemu-system-x86 boots the guests of tests/guest; the guests' own kernel and tools are fetched
 # there with apt-get download. openssl makes the TLS tests' certificates. tests/deploy builds the
 # container image (debootstrap makes its base, buildah builds, podman runs it with runc; those two
-# live in /usr/sbin, so dpkg says whether they are there) and checks the systemd units.
+# live in /usr/sbin, so dpkg says whether they are there) and checks the systemd units. strace shows
+# which lock bytes QEMU's tools take (tests/interop/test_lock_bytes_oracle.py); python3-seccomp makes a
+# filesystem without OFD locks (tests/seccomp_nolock.py).
 DEB_PACKAGES="qemu-utils=qemu-img,qemu-io,qemu-nbd libnbd-bin=nbdinfo,nbdsh,nbdcopy python3-libnbd
   nbd-client fio=fio qemu-system-x86=qemu-system-x86_64 e2fsprogs=debugfs,e2fsck openssl=openssl
   debootstrap buildah=buildah podman=podman runc
-  systemd=systemd-analyze,systemd-socket-activate,systemd-sysusers"
+  systemd=systemd-analyze,systemd-socket-activate,systemd-sysusers strace=strace python3-seccomp"
 
 # shellcheck disable=SC2086  # one word per package
 need_debs $DEB_PACKAGES

@@ -68,9 +68,10 @@ class RawLayer:
 
     format_name = "raw"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage: FileStorage | None = None) -> None:
+        """``storage``: the file already open (and locked) read-only, else it is opened here."""
         self.path = path
-        self.storage = FileStorage(path, read_only=True)
+        self.storage = storage if storage is not None else FileStorage(path, read_only=True)
         length = self.storage.length()
         self.size = -(-length // SECTOR_SIZE) * SECTOR_SIZE
         self.backing: None = None

@@ -50,6 +50,7 @@ from qednbd.qed.backing import (
     resolve_backing_path,
 )
 from qednbd.qed.geometry import Geometry
+from qednbd.qed.locking import CREATOR, READER, SHARED_READER, Access, LockConflict
 from qednbd.qed.storage import FileStorage, Storage
 from qednbd.qed.tables import UNALLOCATED, ZERO_CLUSTER, L1Table, L2Cache, write_zeros
 
@@ -135,9 +136,11 @@ class QedImage:
         clock: Callable[[], float] = time.monotonic,
         recover: bool = True,
         recover_progress: Callable[[float], None] | None = None,
+        force_share: bool = False,
         _chain: tuple[str, ...] = (),
     ) -> None:
         self.storage = storage
+        self._force_share = force_share  # the backing chain is opened as this image was (-U)
         self.path = path
         self.read_only = storage.read_only
         self._clock = clock
@@ -174,6 +177,7 @@ class QedImage:
                 resolve_backing_path(path, self.backing_name),
                 self.backing_format,
                 (*_chain, os.path.realpath(path)),
+                force_share=force_share,
             )
         if recover and self.opened_dirty and not self.read_only:
             self._recover(recover_progress)
@@ -213,11 +217,16 @@ class QedImage:
         clock: Callable[[], float] = time.monotonic,
         recover: bool = True,
         recover_progress: Callable[[float], None] | None = None,
+        access: Access | None = None,
     ) -> QedImage:
         """Open an image; a read-write open of a dirty image checks and repairs it first
         (``recover=False`` leaves that to the caller, as ``qednbd check -r`` does), reporting
-        how far it got to ``recover_progress``."""
-        storage = FileStorage(path, read_only=read_only)
+        how far it got to ``recover_progress``.
+
+        The file is locked as QEMU locks it (:mod:`qednbd.qed.locking`): as a reader or a
+        writer by ``read_only``, or as ``access`` says; an ``access`` that refuses nothing
+        (``-U``) opens the backing chain the same way."""
+        storage = FileStorage(path, read_only=read_only, access=access)
         try:
             return cls(
                 storage,
@@ -227,6 +236,7 @@ class QedImage:
                 clock=clock,
                 recover=recover,
                 recover_progress=recover_progress,
+                force_share=access is not None and not access.refuses,
             )
         except BaseException:
             storage.close()
@@ -722,33 +732,42 @@ class QedImage:
         self.storage.pwrite(new.encode() + raw_name, 0)
         self.header = new  # the file has it now, durable or not: later header writes keep it
         self.storage.flush()
+        reopen = self._backing is not None  # opened without its chain (rebase -u): leave it so
         if self._backing is not None:
             self._backing.close()
             self._backing = None
         self.backing_name = name
-        if name:
+        if name and reopen:
             self._backing = open_layer(
-                resolve_backing_path(self.path, name), self.backing_format, (os.path.realpath(self.path),)
+                resolve_backing_path(self.path, name),
+                self.backing_format,
+                (os.path.realpath(self.path),),
+                force_share=self._force_share,
             )
 
 
-def open_layer(path: str, layer_format: str | None, chain: tuple[str, ...]) -> Layer:
-    """Open one backing layer (and, for QED, its own chain) read-only."""
+def open_layer(
+    path: str, layer_format: str | None, chain: tuple[str, ...], *, force_share: bool = False
+) -> Layer:
+    """Open one backing layer (and, for QED, its own chain) read-only, locked as QEMU locks a
+    backing file (a reader's locks; ``force_share``: refusing nothing)."""
     real = os.path.realpath(path)
     if real in chain:
         raise InvalidImage(f"backing file chain has a loop at '{path}'")
     if len(chain) >= MAX_CHAIN_DEPTH:
         raise InvalidImage(f"backing file chain is deeper than {MAX_CHAIN_DEPTH}")
+    access = SHARED_READER if force_share else READER
     try:
-        storage = FileStorage(path, read_only=True)
+        storage = FileStorage(path, read_only=True, access=access)
+    except LockConflict as exc:
+        raise LockConflict(f"Could not open backing file '{path}': {exc.message}") from None
     except ImageError as exc:
         raise ImageError(exc.errno, f"Could not open backing file: {exc.message}") from exc
     try:
         kind = layer_format or probe_format(storage)
         if kind == "raw":
-            storage.close()
-            return RawLayer(path)
-        return QedImage(storage, path, _chain=chain)
+            return RawLayer(path, storage)
+        return QedImage(storage, path, force_share=force_share, _chain=chain)
     except BaseException:
         storage.close()
         raise
@@ -762,8 +781,13 @@ def create_image(
     table_size: int = fmt.DEFAULT_TABLE_SIZE,
     backing_file: str = "",
     backing_format: str | None = None,
+    storage: Storage | None = None,
 ) -> None:
-    """Write a new image exactly as ``qemu-img create -f qed`` does (size rounded up to 512)."""
+    """Write a new image exactly as ``qemu-img create -f qed`` does (size rounded up to 512).
+
+    ``storage``: the empty file, already open and locked, which stays open (``convert``
+    goes on to write the image through it); otherwise ``path`` is opened, locked as QEMU's
+    create step locks it, emptied and closed here."""
     if not fmt.cluster_size_valid(cluster_size):
         raise ImageError(
             errno.EINVAL, "QED cluster size must be within range [4096, 67108864] and power of 2"
@@ -783,10 +807,13 @@ def create_image(
     if fmt.HEADER_BYTES + len(name) > cluster_size:
         raise ImageError(errno.ENOSPC, "backing file name does not fit in the header cluster")
     header = fmt.new_header(cluster_size, table_size, size, name, backing_format == "raw")
-    storage = FileStorage(path, create=True)
+    own = storage is None
+    if storage is None:
+        storage = FileStorage(path, create=True, access=CREATOR)  # locked, then emptied
     try:
         storage.pwrite(header.encode() + name, 0)
         storage.truncate((1 + table_size) * cluster_size)
         storage.flush()
     finally:
-        storage.close()
+        if own:
+            storage.close()

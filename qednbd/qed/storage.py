@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from qednbd.errors import ImageError
+from qednbd.qed import locking
+from qednbd.qed.locking import READER, WRITER, Access
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _preadv = os.preadv  # bound once: the small-READ fast path calls it per request
@@ -77,15 +79,31 @@ def _io_error(exc: OSError, what: str) -> ImageError:
 class FileStorage:
     """A regular file (or block device) opened with ``os.open``."""
 
-    def __init__(self, path: str, read_only: bool = False, create: bool = False) -> None:
+    def __init__(
+        self, path: str, read_only: bool = False, create: bool = False, access: Access | None = None
+    ) -> None:
+        """Open ``path`` and take QEMU's image locks for ``access`` (default: a reader's or a
+        writer's, by ``read_only``) before anything is read. ``create`` makes the file or
+        empties it, but only once the locks are ours: a file another program has open is
+        refused, not truncated (QEMU's order too)."""
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            flags |= os.O_CREAT
         flags |= getattr(os, "O_CLOEXEC", 0)
         try:
             self._fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise _io_error(exc, f"Could not open '{path}'") from exc
+        try:
+            self.locked = locking.lock(self._fd, path, access or (READER if read_only else WRITER))
+            if create:
+                os.ftruncate(self._fd, 0)
+        except OSError as exc:
+            os.close(self._fd)
+            raise _io_error(exc, f"Could not open '{path}'") from exc
+        except BaseException:
+            os.close(self._fd)
+            raise
         self.path = path
         self._read_only = read_only
         self._can_punch = True
@@ -95,6 +113,14 @@ class FileStorage:
     @property
     def read_only(self) -> bool:
         return self._read_only
+
+    def lock(self, access: Access) -> None:
+        """Take ``access``'s image locks too (see :func:`locking.lock`), as QEMU does when it
+        opens a file it has just created."""
+        try:
+            self.locked = locking.lock(self._fd, self.path, access)
+        except OSError as exc:
+            raise _io_error(exc, f"Could not lock '{self.path}'") from exc
 
     @property
     def fd(self) -> int:

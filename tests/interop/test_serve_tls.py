@@ -75,7 +75,7 @@ def test_nbdcopy_both_ways_over_tls(nbd_server, pki: Pki, image: Path, tmp_path:
     uri = nbds(server.base_uri, pki.client)
     out = tmp_path / "out.raw"
     run(["nbdcopy", uri, str(out)], env=LIBNBD_ENV)  # READs of 64 KiB+ would be sendfile without TLS
-    qemu_img("compare", "-f", "raw", "-F", "qed", out, image)
+    qemu_img("compare", "-U", "-f", "raw", "-F", "qed", out, image)  # -U: the server holds it
     src = tmp_path / "src.raw"
     src.write_bytes(os.urandom(3 << 20) + bytes(61 << 20))
     run(["nbdcopy", str(src), uri], env=LIBNBD_ENV)
@@ -156,7 +156,7 @@ def test_tls_config_errors_are_one_line(nbd_server, pki: Pki, image: Path, tmp_p
 
 
 def test_allow_admits_only_listed_networks(nbd_server, image: Path) -> None:
-    refused = nbd_server("--allow", "10.0.0.0/8", "--allow", "192.168.1.1", image)
+    refused = nbd_server("--allow", "10.0.0.0/8", "--allow", "192.168.1.1", "-r", image)
     failed = nbdinfo("--size", refused.uri(), check=False)
     assert failed.returncode != 0 and "not in --allow" in refused.log()
     admitted = nbd_server("--allow", "10.0.0.0/8", "--allow", "127.0.0.0/8", "-r", image)

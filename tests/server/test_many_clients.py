@@ -260,7 +260,7 @@ def test_one_client_limit_does_not_advertise_multi_conn(nbd_server: StartServer,
     single = nbd_server("-e", "1", image)
     assert run(["nbdinfo", "--can", "multi-conn", single.uri()], check=False, env=env).returncode == 2
     run(["nbdcopy", single.uri(), str(tmp_path / "copy.raw")], env=env)
-    qemu_img("compare", "-f", "raw", "-F", "qed", tmp_path / "copy.raw", image)
+    qemu_img("compare", "-U", "-f", "raw", "-F", "qed", tmp_path / "copy.raw", image)  # served: -U
     single.stop()
     unlimited = nbd_server(image)
     assert run(["nbdinfo", "--can", "multi-conn", unlimited.uri()], env=env).returncode == 0

@@ -3,6 +3,7 @@
 * ``qednbd.nbd`` and ``qednbd.qed`` never import each other; they meet in ``export.py``.
 * Only ``qednbd/server.py`` imports ``asyncio``, ``socket`` or ``ssl``.
 * Only ``qednbd/qed/storage.py`` touches file descriptors with ``os.pread``/``pwrite``/``fsync``/...
+* Only ``qednbd/qed/locking.py`` imports ``fcntl`` (image locks; storage.py calls it at open).
 * Only ``qednbd/cli.py`` reads ``sys.argv``, calls ``sys.exit`` or configures logging handlers.
 
 Each checker takes source text and returns ``(line, message)`` pairs, so the self-tests at the end
@@ -147,6 +148,16 @@ def check_network_imports(source: str, module: str, is_package: bool = False) ->
     )
 
 
+def check_lock_imports(source: str, module: str, is_package: bool = False) -> list[Finding]:
+    """``import fcntl``: image locks are QEMU's protocol, kept in one place."""
+    tree = ast.parse(source)
+    return _first_per_line(
+        (line, f"imports {name}")
+        for line, name in imported_modules(tree, module, is_package)
+        if name == "fcntl"
+    )
+
+
 def check_fd_calls(source: str, module: str, is_package: bool = False) -> list[Finding]:
     """``os.pread`` and friends: file-descriptor I/O belongs to ``qed/storage.py``."""
     tree = ast.parse(source)
@@ -215,6 +226,11 @@ def test_only_storage_touches_file_descriptors() -> None:
     assert not found, "only qednbd/qed/storage.py may call os.pread/pwrite/fsync/...:\n" + "\n".join(found)
 
 
+def test_only_locking_takes_locks() -> None:
+    found = violations(check_lock_imports, allowed={"qednbd/qed/locking.py"})
+    assert not found, "only qednbd/qed/locking.py may import fcntl:\n" + "\n".join(found)
+
+
 def test_only_cli_controls_the_process() -> None:
     found = violations(check_process_control, allowed={"qednbd/cli.py"})
     assert not found, (
@@ -232,6 +248,8 @@ BAD: list[tuple[Checker, str, str, int]] = [
     (check_network_imports, "qednbd.export", "import json\nimport asyncio\n", 2),
     (check_network_imports, "qednbd.export", "from socket import socketpair\n", 1),
     (check_network_imports, "qednbd.export", "def f():\n    import ssl\n", 2),
+    (check_lock_imports, "qednbd.qed.storage", "import os\nimport fcntl\n", 2),
+    (check_lock_imports, "qednbd.qed.image", "from fcntl import F_OFD_SETLK\n", 1),
     (check_fd_calls, "qednbd.qed.image", "import os\n\nos.pwrite(fd, b'', 0)\n", 3),
     (check_fd_calls, "qednbd.qed.image", "import os as _os\n_os.fsync(3)\n", 2),
     (check_fd_calls, "qednbd.qed.image", "from os import preadv\n", 1),
@@ -247,6 +265,7 @@ GOOD: list[tuple[Checker, str, str]] = [
     (check_nbd_qed_separation, "qednbd.export", "from qednbd.nbd import constants\nfrom .qed import image\n"),
     (check_nbd_qed_separation, "qednbd.qed.image", "from qednbd.qed import format\nfrom . import tables\n"),
     (check_network_imports, "qednbd.export", "import asyncore_like\nimport sslib\n"),
+    (check_lock_imports, "qednbd.qed.storage", "from qednbd.qed import locking\nimport fcntlx\n"),
     (check_fd_calls, "qednbd.qed.image", "import os\nos.path.join('a')\nstorage.pread(0, 1)\n"),
     (check_process_control, "qednbd.server", "import sys\nsys.stderr.write('x')\nself.exit()\n"),
     (check_process_control, "qednbd.server", "import logging\nlog = logging.getLogger(__name__)\n"),
