@@ -91,6 +91,17 @@ def qednbd(
     )
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:  # type: ignore[type-arg]
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; returns once the process is gone."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 def read_features(path: StrPath) -> int:
     """The QED header's ``features`` field: a little-endian u64 at byte 16."""
     with open(path, "rb") as f:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import digest, qednbd, qemu_img, qemu_io, run
+from helpers import digest, qednbd, qemu_img, qemu_io, run, stop_process
 
 pytestmark = pytest.mark.interop
 
@@ -95,7 +95,7 @@ def qemu_nbd(image: Path, *args: str, force_share: bool = False) -> Iterator[sub
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         yield proc
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -113,7 +113,7 @@ def qemu_io_session(image: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         yield proc
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _wait_for(ready: object, what: str, timeout: float = 20.0) -> None:
@@ -123,16 +123,6 @@ def _wait_for(ready: object, what: str, timeout: float = 20.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # -- qednbd holds the image; QEMU's tools and a second qednbd are refused ------------------------

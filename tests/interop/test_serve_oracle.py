@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from helpers import qed_layer as qed
 from helpers import raw_layer as raw
-from helpers import run
+from helpers import run, stop_process
 
 pytestmark = pytest.mark.interop
 
@@ -150,12 +150,7 @@ def qemu_nbd(image: Path, name: str) -> Iterator[str]:
             time.sleep(0.02)
         yield f"nbd+unix:///{name}?socket={sock}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 

@@ -97,34 +97,25 @@ def test_a_refused_open_keeps_no_locks(image: Path) -> None:
     _open(image, WRITER).close()  # the refused writer's bytes did not linger
 
 
-def test_messages_name_the_lock_and_the_other_access(image: Path) -> None:
-    pid = os.getpid()
-    with pytest.raises(LockConflict) as caught:
-        holder = _open(image, WRITER)
-        try:
-            _open(image, READER)
-        finally:
-            holder.close()
-    assert str(caught.value).startswith('Failed to get shared "write" lock: ')
-    assert "open for writing" in str(caught.value) and f"pid {pid})" in str(caught.value)
-
-    holder = _open(image, READER)
+def _refusal(image: Path, holding: Access, opening: Access) -> str:
+    """The message of ``opening``'s refusal while ``holding`` is held."""
+    holder = _open(image, holding)
     try:
         with pytest.raises(LockConflict) as caught:
-            _open(image, WRITER)
+            _open(image, opening)
     finally:
         holder.close()
-    text = str(caught.value)
+    return str(caught.value)
+
+
+def test_messages_name_the_lock_and_the_other_access(image: Path) -> None:
+    text = _refusal(image, WRITER, READER)
+    assert text.startswith('Failed to get shared "write" lock: ')
+    assert "open for writing" in text and f"pid {os.getpid()})" in text
+    text = _refusal(image, READER, WRITER)
     assert text.startswith('Failed to get "write" lock: another process has the image open read-only')
     assert "does not share write access" in text
-
-    holder = _open(image, INSPECTOR)
-    try:
-        with pytest.raises(LockConflict) as caught:
-            _open(image, WRITER)
-    finally:
-        holder.close()
-    assert "header only" in str(caught.value)
+    assert "header only" in _refusal(image, INSPECTOR, WRITER)
 
 
 def test_create_does_not_empty_a_file_in_use(image: Path) -> None:
