@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import qednbd, qemu_img, qemu_io, read_features
+from helpers import qednbd, qemu_img, qemu_io, read_features, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -559,3 +559,19 @@ def test_unopenable_image_is_one_line_exit_1(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"qednbd: {path}: ")
+
+
+@pytest.mark.parametrize("repair", [False, True], ids=["check", "check-r"])
+def test_check_opens_the_backing_chain_as_qemu_img_does(tmp_path: Path, repair: bool) -> None:
+    """qemu-img check opens (and locks) the backing file although it reads only the image's own
+    tables, so a missing backing file fails the check: same exit status, same reason."""
+    qemu_img("create", "-q", "-f", "qed", tmp_path / "base.qed", "8M")
+    qemu_img("create", "-q", "-f", "qed", "-b", "base.qed", "-F", "qed", tmp_path / "top.qed")
+    (tmp_path / "base.qed").rename(tmp_path / "gone.qed")
+    args = ["check", *(["-r", "all"] if repair else []), "top.qed"]
+    theirs = run(["qemu-img", *args], check=False, cwd=tmp_path)
+    ours = qednbd(*args, cwd=tmp_path)
+    assert theirs.returncode == ours.returncode == 1
+    reason = "Could not open backing file: Could not open 'base.qed': No such file or directory"
+    assert reason in theirs.stderr and reason in ours.stderr
+    assert ours.stderr.count("\n") == 1 and ours.stdout == ""
