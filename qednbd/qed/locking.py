@@ -211,6 +211,9 @@ def _conflict(fd: int, what: str) -> str:
     else:
         doing = "another process is using the image"
     holders = find_holders(os.fstat(fd), others)
+    me = f"pid {os.getpid()}"
+    if holders and all(h.endswith(me) for h in holders):  # two opens of ours: an export and a backing file
+        doing = doing.replace("another process", "this process (another of its opens)", 1)
     who = f" ({'; '.join(holders)})" if holders else ""
     return f"{what}: {doing}{who}"
 

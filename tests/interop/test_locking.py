@@ -181,6 +181,20 @@ def test_qednbd_read_only_export_lets_readers_in_and_keeps_writers_out(nbd_serve
     assert server.alive()
 
 
+def test_an_export_that_is_another_exports_backing_file(nbd_server, chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Serving base.qed read-write beside top.qed (whose backing file it is) would change what
+    top.qed's clients read: refused, and the message says the other open is this server's."""
+    top, base = chain
+    proc = qednbd("serve", "-k", tmp_path / "s.sock", base, top)
+    assert_refused(
+        proc, SHARED_WRITE_LOCK, "this process (another of its opens) has the image open for writing"
+    )
+    assert "Could not open backing file" in proc.stderr
+    assert_one_line(proc)
+    readers = nbd_server("-r", base, top, unix=True)  # read-only, both: readers share
+    assert "export 'base.qed'" in readers.log() and "export 'top.qed'" in readers.log()
+
+
 def test_qednbd_check_r_refuses_while_qemu_io_reads(chain) -> None:  # type: ignore[no-untyped-def]
     top, _ = chain
     with qemu_io_session(top, "-r"):
