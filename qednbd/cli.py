@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 # is compared with qemu-img check, and importing every command's modules costs more
 # than the check of a sparse terabyte.
 
-_FORCE_SHARE_HELP = "open the image even if another program is writing it (qemu-img's -U)"
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
@@ -69,6 +68,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(1)
 
 
+def _force_share(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument(
+        "-U",
+        "--force-share",
+        dest="force_share",
+        action="store_true",
+        help=f"open the image even if another program is writing it (qemu-img's -U){note}",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qednbd",
@@ -98,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true", help=_FORCE_SHARE_HELP)
+    _force_share(p)
     p.add_argument("filename", help="the QED image")
 
     p = sub.add_parser(
@@ -116,13 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="repair: 'leaks' clears invalid offsets and frees leaked space; 'all' also splits "
         "clusters referenced twice and clears entries that point into metadata",
     )
-    p.add_argument(
-        "-U",
-        "--force-share",
-        dest="force_share",
-        action="store_true",
-        help=_FORCE_SHARE_HELP + " (not with -r)",
-    )
+    _force_share(p, " (not with -r)")
     p.add_argument("filename")
 
     p = sub.add_parser(
@@ -132,7 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
     p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true", help=_FORCE_SHARE_HELP)
+    _force_share(p)
     p.add_argument("filename", help="the QED image")
 
     p = sub.add_parser(
@@ -145,13 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-O", dest="dst_format", choices=["raw", "qed"], default="raw", help="output format")
     p.add_argument("-o", dest="options", help="cluster_size=SIZE,table_size=N (QED output)")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument(
-        "-U",
-        "--force-share",
-        dest="force_share",
-        action="store_true",
-        help=_FORCE_SHARE_HELP + " (the source)",
-    )
+    _force_share(p, " (the source)")
     p.add_argument("source", help="raw or QED image")
     p.add_argument("destination", help="file to write (replaced if it exists)")
 
@@ -188,9 +185,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-x", "--export-name", dest="name", help="export name (default: the file's name)")
     p.add_argument("-D", "--description", dest="description", help="export description")
     p.add_argument("-r", "--read-only", dest="read_only", action="store_true", help="export read-only")
-    p.add_argument(
-        "-U", "--force-share", dest="force_share", action="store_true", help=_FORCE_SHARE_HELP + " (needs -r)"
-    )
+    _force_share(p, " (needs -r)")
     p.add_argument("-e", "--shared", dest="max_clients", type=int, help="most clients at once (0: no limit)")
     p.add_argument("--config", dest="config_file", help="TOML file with several exports (see docs/serve.md)")
     p.add_argument("--pid-file", dest="pid_file", help="write the process id here once listening")

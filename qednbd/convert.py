@@ -18,8 +18,8 @@ from typing import Protocol
 from qednbd.errors import ImageError
 from qednbd.qed import format as fmt
 from qednbd.qed.backing import RawLayer, probe_format
-from qednbd.qed.image import QedImage, create_image
-from qednbd.qed.locking import CREATOR, RAW_WRITER, READER, WRITER, Access, shared
+from qednbd.qed.image import QedImage, create_image, layer_in
+from qednbd.qed.locking import CREATOR, RAW_WRITER, READER, WRITER, shared
 from qednbd.qed.mapping import map_image
 from qednbd.qed.storage import FileStorage
 
@@ -44,8 +44,8 @@ class ConvertOptions:
     force_share: bool = False  # -U: read the source even while another program writes it
 
 
-def detect_format(path: str, access: Access = READER) -> str:
-    storage = FileStorage(path, read_only=True, access=access)
+def detect_format(path: str) -> str:
+    storage = FileStorage(path, read_only=True)
     try:
         return probe_format(storage)
     finally:
@@ -152,18 +152,13 @@ def convert(
     untouched; once it has been emptied, a failure removes it rather than leave a partial
     copy. The source is locked as a reader (``-U``: refusing nothing).
     """
-    if options.dst_format not in ("qed", "raw"):
-        raise ImageError(errno.EINVAL, f"Unknown file format '{options.dst_format}'")
+    for given in (options.src_format, options.dst_format):
+        if given not in (None, "qed", "raw"):
+            raise ImageError(errno.EINVAL, f"Unknown file format '{given}'")
     access = shared(READER) if options.force_share else READER
-    with _blame(src_path):
-        src_format = options.src_format or detect_format(src_path, access)
-        src: QedImage | RawLayer
-        if src_format == "qed":
-            src = QedImage.open(src_path, read_only=True, access=access)
-        elif src_format == "raw":
-            src = RawLayer(src_path, FileStorage(src_path, read_only=True, access=access))
-        else:
-            raise ImageError(errno.EINVAL, f"Unknown file format '{src_format}'")
+    with _blame(src_path):  # opened once: probed and read through the same locked descriptor
+        source = FileStorage(src_path, read_only=True, access=access)
+        src = layer_in(source, src_path, options.src_format, force_share=options.force_share)
     try:
         with _blame(dst_path):
             storage = FileStorage(dst_path, create=True, access=CREATOR)

@@ -146,6 +146,8 @@ def _dirty(export: Export) -> bool:
 
 
 def serve(conf: ServerConfig, fds: Sequence[int]) -> int:
+    # TLS credentials that cannot be used stop the start-up before an image is opened (or repaired)
+    context = server.tls_context(conf.tls_creds, conf.tls_verify_peer) if conf.tls != "off" else None
     exports = open_exports(conf)
 
     def ready(uris: list[str]) -> None:
@@ -172,7 +174,7 @@ def serve(conf: ServerConfig, fds: Sequence[int]) -> int:
                 raise ConfigError(f"cannot write pid file {conf.pid_file}: {exc.strerror or exc}") from None
 
     try:
-        return server.serve_forever(exports, conf, fds, ready)
+        return server.serve_forever(exports, conf, fds, ready, context)
     finally:
         if conf.pid_file:
             with contextlib.suppress(OSError):

@@ -886,14 +886,11 @@ async def run(
     inherited_fds: Sequence[int],
     on_ready: Callable[[list[str]], None],
     expect_soon: Callable[[], None] = _nothing,
+    context: ssl.SSLContext | None = None,
 ) -> int:
     """Listen where ``conf`` says (or on the inherited sockets), report the addresses through
-    ``on_ready``, serve until a signal; returns the exit code."""
-    try:
-        context = tls_context(conf.tls_creds, conf.tls_verify_peer) if conf.tls != "off" else None
-    except BaseException:
-        exports.close()
-        raise
+    ``on_ready``, serve until a signal; returns the exit code. ``context``: :func:`tls_context`'s
+    for ``conf``, made before the images were opened."""
     server = Server(
         exports,
         max_clients=conf.max_clients,
@@ -929,8 +926,9 @@ def serve_forever(
     conf: ServerConfig,
     inherited_fds: Sequence[int],
     on_ready: Callable[[list[str]], None],
+    context: ssl.SSLContext | None = None,
 ) -> int:
     """Run :func:`run` on a new event loop (the CLI's entry point; it owns no loop itself)."""
     selector = SpinningSelector()
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
-        return runner.run(run(exports, conf, inherited_fds, on_ready, selector.spin_next))
+        return runner.run(run(exports, conf, inherited_fds, on_ready, selector.spin_next, context))

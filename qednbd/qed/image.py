@@ -140,7 +140,6 @@ class QedImage:
         _chain: tuple[str, ...] = (),
     ) -> None:
         self.storage = storage
-        self._force_share = force_share  # the backing chain is opened as this image was (-U)
         self.path = path
         self.read_only = storage.read_only
         self._clock = clock
@@ -742,7 +741,6 @@ class QedImage:
                 resolve_backing_path(self.path, name),
                 self.backing_format,
                 (os.path.realpath(self.path),),
-                force_share=self._force_share,
             )
 
 
@@ -763,6 +761,19 @@ def open_layer(
         raise LockConflict(f"Could not open backing file '{path}': {exc.message}") from None
     except ImageError as exc:
         raise ImageError(exc.errno, f"Could not open backing file: {exc.message}") from exc
+    return layer_in(storage, path, layer_format, chain, force_share=force_share)
+
+
+def layer_in(
+    storage: FileStorage,
+    path: str,
+    layer_format: str | None,
+    chain: tuple[str, ...] = (),
+    *,
+    force_share: bool = False,
+) -> RawLayer | QedImage:
+    """The raw or QED layer in ``storage`` (open read-only and locked), by ``layer_format`` or
+    else by probing; ``storage`` is closed if that fails."""
     try:
         kind = layer_format or probe_format(storage)
         if kind == "raw":

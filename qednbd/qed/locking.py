@@ -80,6 +80,7 @@ _PERM_NAMES = {
     Perm.RESIZE: "resize",
 }
 _ALL = tuple(Perm)
+_LOCK_BYTES = (*range(PERM_BASE, PERM_BASE + len(_ALL)), *range(SHARED_BASE, SHARED_BASE + len(_ALL)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +147,12 @@ def _held_by_others(fd: int, byte: int) -> bool:
 _reported_devices: set[int] = set()
 
 
-def lock(fd: int, path: str, access: Access) -> bool:
+def lock(fd: int, path: str, access: Access) -> None:
     """Take ``access``'s locks on the open file ``fd`` as QEMU does, or raise :class:`LockConflict`.
 
     Locks ``fd`` already holds are kept (QEMU's create step, then the image's own open), but a
-    conflict drops all of them. Returns False (after one log line per filesystem) where the
-    filesystem has no OFD locks, True when the locks are held; they last until ``fd`` is closed.
+    conflict drops all of them. They last until ``fd`` is closed. Where the filesystem has no
+    OFD locks this says so in the log (once per filesystem) and returns holding none.
     """
     mine = [PERM_BASE + i for i, p in enumerate(_ALL) if p & access.uses]
     mine += [SHARED_BASE + i for i, p in enumerate(_ALL) if p & access.refuses]
@@ -168,12 +169,11 @@ def lock(fd: int, path: str, access: Access) -> bool:
     except OSError as exc:
         if exc.errno in _UNSUPPORTED:
             _report_unsupported(fd, path, exc)
-            return False
+            return
         raise ImageError(exc.errno or errno.EIO, f"Failed to lock '{path}': {exc.strerror}") from exc
     if problem is not None:
         _release(fd)  # first, so that /proc shows only the others' locks
         raise LockConflict(_conflict(fd, problem))
-    return True
 
 
 def _first_conflict(fd: int, access: Access) -> str | None:
@@ -189,44 +189,40 @@ def _first_conflict(fd: int, access: Access) -> str | None:
 
 def _release(fd: int) -> None:
     """Drop every lock this open holds on QEMU's bytes (nothing else of ours is locked)."""
-    _fcntl(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, PERM_BASE, SHARED_BASE + len(_ALL) - PERM_BASE)
+    _fcntl(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, PERM_BASE, _LOCK_BYTES[-1] + 1 - PERM_BASE)
 
 
 def _conflict(fd: int, what: str) -> str:
     """QEMU's words, then what the other opens are doing and, where /proc shows it, who they are."""
-    others = {b for b in range(PERM_BASE, PERM_BASE + len(_ALL)) if _held_by_others(fd, b)}
-    others |= {b for b in range(SHARED_BASE, SHARED_BASE + len(_ALL)) if _held_by_others(fd, b)}
-    write, read = PERM_BASE + 1, PERM_BASE
-    if write in others:
-        doing = "another process has the image open for writing"
-    elif read in others:
-        doing = "another process has the image open read-only"
+    others = {b for b in _LOCK_BYTES if _held_by_others(fd, b)}
+    holders = find_holders(os.fstat(fd), others)
+    ours = bool(holders) and all(pid == os.getpid() for _, pid in holders)  # e.g. an export and
+    who = "this process (another of its opens)" if ours else "another process"  # a backing file
+    if PERM_BASE + 1 in others:  # someone writes
+        doing = f"{who} has the image open for writing"
+    elif PERM_BASE in others:  # someone reads
+        doing = f"{who} has the image open read-only"
         if SHARED_BASE + 1 in others:
             doing += " and does not share write access"
     elif others & {SHARED_BASE + 1, SHARED_BASE + 3}:
         doing = (
-            "another process has the image open (header only, such as qemu-img info)"
-            " and does not share write access"
+            f"{who} has the image open (header only, such as qemu-img info) and does not share write access"
         )
     else:
-        doing = "another process is using the image"
-    holders = find_holders(os.fstat(fd), others)
-    me = f"pid {os.getpid()}"
-    if holders and all(h.endswith(me) for h in holders):  # two opens of ours: an export and a backing file
-        doing = doing.replace("another process", "this process (another of its opens)", 1)
-    who = f" ({'; '.join(holders)})" if holders else ""
-    return f"{what}: {doing}{who}"
+        doing = f"{who} is using the image"
+    named = "; ".join(f"{name}, pid {pid}" for name, pid in holders)
+    return f"{what}: {doing}" + (f" ({named})" if named else "")
 
 
-def find_holders(target: os.stat_result, offsets: set[int], limit: int = 4) -> list[str]:
-    """``name (pid N)`` of the processes whose open descriptors of the file lock any of ``offsets``.
+def find_holders(target: os.stat_result, offsets: set[int], limit: int = 4) -> list[tuple[str, int]]:
+    """(name, pid) of the processes whose open descriptors of the file lock any of ``offsets``.
 
     Read from ``/proc/PID/fdinfo`` (which lists an open file's OFD locks); processes we
     may not look into, or in another PID namespace, are not found. Only called after a
     conflict, so its cost (a stat per open descriptor on the machine) is paid rarely.
     """
     key = f"{os.major(target.st_dev):02x}:{os.minor(target.st_dev):02x}:{target.st_ino}"
-    found: list[str] = []
+    found: list[tuple[str, int]] = []
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -235,7 +231,7 @@ def find_holders(target: os.stat_result, offsets: set[int], limit: int = 4) -> l
         if len(found) >= limit:
             break
         if _locks_in(pid, target, key, offsets):
-            found.append(f"{_process_name(pid)}, pid {pid}")
+            found.append((_process_name(pid), int(pid)))
     return found
 
 

@@ -94,8 +94,9 @@ class FileStorage:
             self._fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise _io_error(exc, f"Could not open '{path}'") from exc
+        self.path = path
         try:
-            self.locked = locking.lock(self._fd, path, access or (READER if read_only else WRITER))
+            self.lock(access or (READER if read_only else WRITER))
             if create:
                 os.ftruncate(self._fd, 0)
         except OSError as exc:
@@ -104,7 +105,6 @@ class FileStorage:
         except BaseException:
             os.close(self._fd)
             raise
-        self.path = path
         self._read_only = read_only
         self._can_punch = True
         self._flush_failed = False
@@ -117,10 +117,7 @@ class FileStorage:
     def lock(self, access: Access) -> None:
         """Take ``access``'s image locks too (see :func:`locking.lock`), as QEMU does when it
         opens a file it has just created."""
-        try:
-            self.locked = locking.lock(self._fd, self.path, access)
-        except OSError as exc:
-            raise _io_error(exc, f"Could not lock '{self.path}'") from exc
+        locking.lock(self._fd, self.path, access)
 
     @property
     def fd(self) -> int:

@@ -78,20 +78,28 @@ def assert_one_line(proc: subprocess.CompletedProcess[str]) -> None:
 
 @contextlib.contextmanager
 def qemu_nbd(image: Path, *args: str, force_share: bool = False) -> Iterator[subprocess.Popen[bytes]]:
-    """``qemu-nbd -f qed ARGS IMAGE`` on a Unix socket, once it listens; killed at the end.
-    qemu-nbd 7.2 has no -U: ``force_share`` says force-share=on in --image-opts instead."""
+    """``qemu-nbd -t -f qed ARGS IMAGE`` on a Unix socket, once it serves; killed at the end.
+    qemu-nbd 7.2 has no -U: ``force_share`` says force-share=on in --image-opts instead.
+
+    "Serves" means a client completed the handshake: qemu-nbd creates its socket before it
+    sets up the export, whose permissions may still change the image's locks."""
     sock = image.parent / f"qemu-nbd-{time.monotonic_ns()}.sock"
     what = ["-f", "qed", str(image)]
     if force_share:
         what = ["--image-opts", f"driver=qed,file.driver=file,file.filename={image},force-share=on"]
     proc = subprocess.Popen(
-        ["qemu-nbd", *args, "-k", str(sock), *what],
+        ["qemu-nbd", "-t", *args, "-k", str(sock), *what],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_for(lambda: sock.exists() or proc.poll() is not None, "qemu-nbd to listen")
+        uri = f"nbd+unix:///?socket={sock}"
+        _wait_for(
+            lambda: proc.poll() is not None
+            or (sock.exists() and run(["nbdinfo", "--size", uri], check=False).returncode == 0),
+            "qemu-nbd to serve",
+        )
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         yield proc
     finally:
