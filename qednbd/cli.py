@@ -78,6 +78,13 @@ def _force_share(p: argparse.ArgumentParser, note: str = "") -> None:
     )
 
 
+def _report_args(p: argparse.ArgumentParser, force_share_note: str = "") -> None:
+    """What the read-only commands that report on an image (info, check, map) share."""
+    p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
+    p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
+    _force_share(p, force_share_note)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qednbd",
@@ -105,9 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="show an image's header information",
         description="Show what qemu-img info shows: sizes, cluster size, backing file, dirty flag.",
     )
-    p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
-    p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
-    _force_share(p)
+    _report_args(p)
     p.add_argument("filename", help="the QED image")
 
     p = sub.add_parser(
@@ -116,8 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Check every table and cluster reference as qemu-img check does; exit 0 clean, "
         "1 check incomplete (I/O errors), 2 corruptions, 3 leaks only. Progress on a terminal.",
     )
-    p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
-    p.add_argument("-f", dest="format", choices=["qed"], default="qed")
+    _report_args(p, " (not with -r)")
     p.add_argument(
         "-r",
         dest="repair",
@@ -125,7 +129,6 @@ def _build_parser() -> argparse.ArgumentParser:
         help="repair: 'leaks' clears invalid offsets and frees leaked space; 'all' also splits "
         "clusters referenced twice and clears entries that point into metadata",
     )
-    _force_share(p, " (not with -r)")
     p.add_argument("filename")
 
     p = sub.add_parser(
@@ -133,9 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="show allocation through the backing chain",
         description="List the image's extents as qemu-img map does (data, zero, depth, offset).",
     )
-    p.add_argument("--output", choices=["human", "json"], default="human", help="human (default) or json")
-    p.add_argument("-f", dest="format", choices=["qed"], default="qed", help="image format (qed)")
-    _force_share(p)
+    _report_args(p)
     p.add_argument("filename", help="the QED image")
 
     p = sub.add_parser(
